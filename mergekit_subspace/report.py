@@ -1,0 +1,52 @@
+"""Plain-text tables of store facts, shared by the CLI and the demo."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """Summary, per-task and per-slot-group tables of `SubspaceStore.info()`."""
+    b = info["bytes"]
+    k_values = sorted({(s["k_out"], s["k_in"]) for s in info["slots"].values()})
+    capped = [m for m, s in info["slots"].items() if s["k_capped"]]
+    lines = [
+        f"store {info['store']}: {len(info['tasks'])} tasks, {len(info['slots'])} slots, "
+        f"(k_out, k_in) in {k_values}",
+        f"bytes: store {human_bytes(b['store'])} (basis {human_bytes(b['basis'])}), "
+        f"sources {human_bytes(b['sources'])}, ratio {info['ratio']:.2f}x",
+    ]
+    if capped:
+        lines.append(
+            f"note: k was capped at what the slot can hold (min(dim, total rank of its tasks)) in {len(capped)} slot(s)"
+        )
+    rows = [
+        [
+            name,
+            t["kind"],
+            t["slots"],
+            human_bytes(t["bytes"]),
+            human_bytes(t["source_bytes"]),
+            f"{t['rel_error']:.4f}",
+        ]
+        + (["*"] if t["added_after_fit"] else [""])
+        for name, t in info["per_task"].items()
+    ]
+    lines += ["", table(["task", "kind", "slots", "stored", "source", "rel_error", "added"], rows)]
+    return "\n".join(lines)
