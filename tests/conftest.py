@@ -90,7 +90,7 @@ def make_lora(
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
+        for _name, param in peft_model.named_parameters():
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     peft_model.save_pretrained(out)

