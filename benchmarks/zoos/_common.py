@@ -1,0 +1,148 @@
+"""Helpers shared by the zoo builders: atomic writes, cache look-ups, quiet HF loading, thread limits.
+
+Every zoo builder promises the same things (an interrupted build never leaves a half-written
+adapter; a re-run with the same inputs is free), so the mechanics live here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MAX_THREADS = 2  # the build machines are shared: never take more than two cores
+
+
+def limit_threads() -> None:
+    """Cap torch at two threads (fewer if the machine has fewer cores)."""
+    import torch
+
+    torch.set_num_threads(max(1, min(MAX_THREADS, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """Silence expected chatter (new-head notices, loading bars, deprecations) during a load."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(old)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file or nothing (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """safetensors ``save_file`` through a temp file, so readers never see a partial file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an old one is removed only after the new one is there."""
+    trash = None
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, trash)
+    os.rename(src, dst)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staging_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A temp folder beside the final one (same filesystem, so the rename is atomic); removed on failure."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_entry(folder: Path, key: str, weights: str = "adapter_model.safetensors") -> dict[str, Any] | None:
+    """The folder's ``zoo_entry.json`` if it is complete and was built from the same inputs."""
+    entry_file = folder / "zoo_entry.json"
+    if not (entry_file.is_file() and (folder / weights).is_file()):
+        return None
+    try:
+        entry = json.loads(entry_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("cache_key") == key else None
+
+
+def hash_json(payload: Any, length: int = 20) -> str:
+    """Stable short hash of a JSON-able value (the cache keys)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def file_sha256(path: Path, length: int = 16) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__}
+
+
+def linear_warmup_decay(steps: int, warmup_frac: float = 0.1) -> Any:
+    """LR multiplier: linear warm-up, then linear decay to zero (short runs need both)."""
+    warmup = max(1, int(steps * warmup_frac))
+
+    def factor(step: int) -> float:
+        return min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+
+    return factor

@@ -1,0 +1,68 @@
+"""The `merge` click command: parse arguments, call merge.run, print. Registered on the main group by cli.py."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.merge.methods import METHODS
+
+EXIT_BAD_INPUT = 2
+
+_METHOD_HELP = "\n".join(f"  {m.name:<16} {m.summary}.\n  {'':<16} {m.reference}" for m in METHODS.values())
+
+HELP = f"""Merge tasks of a store (or PEFT adapter folders) as RECIPE says.
+
+\b
+RECIPE is YAML shaped like mergekit's:
+  merge_method: ties
+  store: stores/my-zoo            # or  adapters: [zoo/a, zoo/b]
+  tasks:
+    - {{name: legal, weight: 1.0, validation: data/legal.jsonl}}
+    - {{name: medical, weight: [1.0, 0.5]}}   # gradient over layers
+  parameters: {{density: 0.3}}
+  output: {{path: out/merged, format: peft, rank: 16, heads: per_task}}
+
+\b
+Methods (each merges the tasks' small cores in the shared basis):
+{_METHOD_HELP}
+
+Writes merge_report.json beside the model(s): method, parameters, weights, the lambda chosen on the
+validation data with its scores, and timings.
+"""
+
+
+@click.command("merge", help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.path)."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output folder (atomically, after success)."
+)
+@click.option(
+    "--allow-pickle", is_flag=True, help="Accept .bin adapters, loaded with torch.load(weights_only=True)."
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def merge(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, quiet: bool) -> None:
+    from mergekit_subspace.merge.run import REPORT
+    from mergekit_subspace.merge.run import merge as run_merge
+
+    try:
+        result = run_merge(
+            recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet
+        )
+    except SubspaceError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    report = result.report
+    line = f"merged {len(report['tasks'])} task(s) with {report['method']} (lambda {report['lambda']:g}"
+    if report["lambda_source"] == "validation":
+        best = max(report["validation"]["mean_scores"])
+        line += f", chosen on validation: mean score {best:.4f}"
+    click.echo(line + f") in {report['seconds']['merge']:.3f} s")
+    for label, folder in sorted(result.folders.items()):
+        click.echo(f"wrote {folder}" + ("" if label == "merged" else f"  ({label})"))
+    click.echo(f"report {result.out / REPORT}")

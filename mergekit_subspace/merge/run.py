@@ -1,0 +1,398 @@
+"""The merge pipeline: recipe -> cores -> one merged core per slot -> PEFT folder(s) or a full model.
+
+Usable from Python (`merge("recipe.yaml", out=...)`); the `merge` command only calls this. All checks run
+before anything is written, and the output folder appears atomically (complete, or not at all).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.io.checkpoint import Checkpoint
+from mergekit_subspace.io.files import atomic_directory, json_bytes
+from mergekit_subspace.io.peft import write_lora_adapter
+from mergekit_subspace.lowrank import core_to_factors
+from mergekit_subspace.merge import inputs as merge_inputs
+from mergekit_subspace.merge.full import write_full_model
+from mergekit_subspace.merge.methods import METHODS, SlotInputs, numerical_rank
+from mergekit_subspace.merge.params import count_layers, gradients_of, resolve, to_jsonable
+from mergekit_subspace.merge.recipe import (
+    MergeRecipe,
+    merge_recipe_from_dict,
+    parse_merge_recipe,
+    parse_size,
+)
+from mergekit_subspace.merge.select import Scorer, ValidationData, choose, load_validation
+
+REPORT = "merge_report.json"
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class MergeResult:
+    """Where the merge went: the output folder, the written model folders by task (or 'merged'), the report."""
+
+    out: Path
+    folders: dict[str, Path]
+    report: dict[str, Any]
+
+
+@dataclass
+class MergedSlots:
+    """Merged cores (before lambda) and their PEFT factors at lambda = 1."""
+
+    cores: dict[str, torch.Tensor]
+    factors: Factors
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _config_layers(base: str | None) -> int | None:
+    if not base or not (Path(base) / "config.json").is_file():
+        return None
+    config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
+def _task_order(recipe: MergeRecipe, available: list[str], where: str) -> list[str]:
+    if recipe.tasks is None:
+        return sorted(available)
+    known = set(available)
+    for task in recipe.tasks:
+        if task.name not in known:
+            raise SubspaceError(
+                f"task '{task.name}' is not among the inputs (known: {', '.join(sorted(known))})", where
+            )
+    return [t.name for t in recipe.tasks]
+
+
+def _parameter(recipe: MergeRecipe, task: str, key: str) -> Any:
+    """A task's own value for `key`, else the global one (mergekit's override order)."""
+    for entry in recipe.tasks or []:
+        if entry.name == task and entry.parameter(key) is not None:
+            return entry.parameter(key)
+    return recipe.parameters.get(key)
+
+
+def _check_gradients(recipe: MergeRecipe, names: list[str], num_layers: int, where: str) -> None:
+    """A gradient spreads its points over the layers: more points than layers cannot be placed."""
+    method = METHODS[recipe.merge_method]
+    for task in names:
+        for key in method.task_parameters:
+            value = _parameter(recipe, task, key)
+            for gradient in gradients_of(value) if value is not None else []:
+                if len(gradient) > 1 and len(gradient) > max(num_layers, 1):
+                    raise SubspaceError(
+                        f"task '{task}' {key}: a gradient of {len(gradient)} values, but the merged modules "
+                        f"span {num_layers} layer(s); give at most {max(num_layers, 1)} values",
+                        where,
+                    )
+
+
+def _slot_seed(seed: int, module: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(module.encode())) % (2**63)
+
+
+def merge_slots(
+    recipe: MergeRecipe, cores: merge_inputs.CoreSet, names: list[str], num_layers: int
+) -> MergedSlots:
+    """One merged core per slot, then its PEFT factors at the output rank (lambda not yet applied)."""
+    method = METHODS[recipe.merge_method]
+    options = {
+        key: float(recipe.parameters.get(key, default)) for key, default in method.shared_parameters.items()
+    }
+    seed = int(options.get("seed", 0))
+    merged: dict[str, torch.Tensor] = {}
+    factors: Factors = {}
+    stats: dict[str, dict[str, float]] = {}
+    for module in cores.slots:
+        if not any(module in cores.cores[name] for name in names):
+            continue
+        generator = torch.Generator().manual_seed(_slot_seed(seed, module)) if "seed" in options else None
+        slot = SlotInputs(
+            cores=[cores.core(name, module) for name in names],
+            weights=[resolve(_parameter(recipe, n, "weight"), module, num_layers, 1.0) for n in names],
+            density=[
+                resolve(
+                    _parameter(recipe, n, "density"), module, num_layers, method.defaults.get("density", 1.0)
+                )
+                for n in names
+            ],
+            rank=recipe.output.rank,
+            options=options,
+            generator=generator,
+            shape=cores.shapes.get(module),
+        )
+        core = method.fn(slot)
+        U, V = cores.bases[module]
+        singular = torch.linalg.svdvals(core)
+        exact_rank = max(1, numerical_rank(singular))
+        rank = exact_rank if recipe.output.rank is None else min(recipe.output.rank, exact_rank)
+        energy = float((singular**2).sum())
+        kept = float((singular[:rank] ** 2).sum())
+        merged[module] = core
+        factors[module] = core_to_factors(U, core, V, rank)
+        stats[module] = {"rank": rank, "kept_energy": 1.0 if energy == 0 else kept / energy}
+    return MergedSlots(merged, factors, stats)
+
+
+def _head_task(recipe: MergeRecipe, names: list[str], where: str) -> str | None:
+    heads = recipe.output.heads
+    if heads in ("per_task", "none"):
+        return None
+    if heads not in names:
+        raise SubspaceError(
+            f"output.heads '{heads}' is not per_task, none, or a merged task ({', '.join(names)})", where
+        )
+    return heads
+
+
+def _adapter_config(cores: merge_inputs.CoreSet, task: str | None, names: list[str]) -> dict[str, Any]:
+    config = dict(cores.tasks[task or names[0]].peft_config)
+    if task is None:
+        config["modules_to_save"] = None
+    return config
+
+
+def _scaled(factors: Factors, value: float, dtype: torch.dtype) -> Factors:
+    return {m: ((B * value).to(dtype), A.to(dtype)) for m, (B, A) in factors.items()}
+
+
+def _outputs(recipe: MergeRecipe, names: list[str], where: str) -> list[tuple[str, str | None]]:
+    """(folder label, head task) pairs: one per task for per_task, else a single folder."""
+    if recipe.output.heads == "per_task":
+        return [(name, name) for name in names]
+    return [("merged", _head_task(recipe, names, where))]
+
+
+def _validate_lambda(
+    recipe: MergeRecipe,
+    cores: merge_inputs.CoreSet,
+    names: list[str],
+    merged: MergedSlots,
+    data: dict[str, ValidationData],
+    base_model: str | None,
+    where: str,
+) -> tuple[float, dict[str, Any]]:
+    """Score every task with validation data over the lambda grid; the best mean wins."""
+    if base_model is None:
+        raise SubspaceError("validation needs the base model folder: set `base_model:` in the recipe", where)
+    scorer = Scorer(base_model, batch_size=recipe.validation.batch_size)
+    grid = list(recipe.validation.lambda_grid)
+    head_task = None if recipe.output.heads == "per_task" else _head_task(recipe, names, where)
+    per_task: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="merge-validate-") as tmp:
+        for name, examples in data.items():
+            head = name if recipe.output.heads == "per_task" else head_task
+            extras = cores.tasks[head].extras if head else {}
+            folder = write_lora_adapter(
+                Path(tmp) / name,
+                _scaled(merged.factors, 1.0, torch.float32),
+                extras,
+                _adapter_config(cores, head, names),
+            )
+            per_task[name] = scorer.grid(folder, examples, grid)
+    means = [sum(scores[i] for scores in per_task.values()) / len(per_task) for i in range(len(grid))]
+    chosen = choose(grid, means)
+    return chosen, {
+        "lambda_grid": grid,
+        "mean_scores": means,
+        "task_scores": per_task,
+        "chosen_lambda": chosen,
+        "data": {
+            name: {"path": d.path, "examples": len(d.examples), "kind": d.kind} for name, d in data.items()
+        },
+    }
+
+
+def _report(
+    recipe: MergeRecipe,
+    recipe_path: Path | None,
+    cores: merge_inputs.CoreSet,
+    names: list[str],
+    chosen_lambda: float,
+    validation: dict[str, Any] | None,
+    merged: MergedSlots,
+    seconds: dict[str, float],
+    folders: dict[str, str],
+    num_layers: int,
+) -> dict[str, Any]:
+    method = METHODS[recipe.merge_method]
+    shared = {key: recipe.parameters.get(key, default) for key, default in method.shared_parameters.items()}
+    return {
+        "method": method.name,
+        "reference": method.reference,
+        "recipe": str(recipe_path) if recipe_path else None,
+        "source": cores.source,
+        "base_model": cores.base_model,
+        "tasks": names,
+        "parameters": recipe.global_parameters()
+        | {k: v for k, v in shared.items() if k not in recipe.parameters},
+        "task_parameters": {
+            name: {
+                key: to_jsonable(_parameter(recipe, name, key))
+                if _parameter(recipe, name, key) is not None
+                else (1.0 if key == "weight" else method.defaults.get(key))
+                for key in method.task_parameters
+            }
+            for name in names
+        },
+        "num_layers": num_layers,
+        "lambda": chosen_lambda,
+        "lambda_source": "validation"
+        if validation
+        else ("recipe" if "lambda" in recipe.parameters else "default"),
+        "validation": validation,
+        "output": recipe.output.model_dump() | {"folders": folders},
+        "slots": merged.stats,
+        "seconds": seconds,
+        **({"basis": cores.notes["basis"]} if "basis" in cores.notes else {}),
+    }
+
+
+def merge(
+    recipe: MergeRecipe | dict | str | Path,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Run a merge recipe (a YAML path, a dict of the same keys, or a MergeRecipe).
+
+    Returns the output folder, the written model folders and the merge report.
+    """
+    started = time.perf_counter()
+    recipe_path = None
+    if isinstance(recipe, dict):
+        recipe = merge_recipe_from_dict(recipe)
+    elif not isinstance(recipe, MergeRecipe):
+        recipe_path = Path(recipe)
+        recipe = parse_merge_recipe(recipe_path)
+    where = str(recipe_path) if recipe_path else "recipe"
+    target_raw = out if out is not None else recipe.output.path
+    if target_raw is None:
+        raise SubspaceError("no output folder: set `output.path` in the recipe or pass --out", recipe_path)
+    target = Path(target_raw)
+    if target.exists() and not overwrite:
+        raise SubspaceError("already exists; choose another path or pass --overwrite", target)
+    data = {
+        t.name: load_validation(t.validation, recipe.validation.max_examples)
+        for t in recipe.tasks or []
+        if t.validation
+    }
+
+    # ---- inputs (read and checked; nothing written yet) ----
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    base_ckpt = Checkpoint(recipe.base_model, allow_pickle=allow_pickle) if recipe.base_model else None
+    if recipe.store:
+        wanted = [t.name for t in recipe.tasks] if recipe.tasks is not None else None
+        cores = merge_inputs.from_store(recipe.store, wanted)
+    else:
+        sources = merge_inputs.load_adapters(recipe.adapters, recipe_path, allow_pickle)
+        seconds["read"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        cores = merge_inputs.from_adapters(sources, recipe.subspace, base_ckpt, recipe.base_model)
+        seconds["basis"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+    names = _task_order(recipe, list(cores.tasks), where)
+    outputs = _outputs(recipe, names, where)
+    base_model = recipe.base_model or cores.base_model
+    if recipe.output.format == "full":
+        if base_model is None or not Path(base_model).is_dir():
+            raise SubspaceError(
+                "`full` output needs the base model folder: set `base_model:` in the recipe"
+                + (f" ('{base_model}' is not a folder here)" if base_model else ""),
+                where,
+            )
+        base_ckpt = base_ckpt or Checkpoint(base_model, allow_pickle=allow_pickle)
+    fan_in_fan_out = {bool(cores.tasks[n].peft_config.get("fan_in_fan_out", False)) for n in names}
+    if len(fan_in_fan_out) > 1:
+        raise SubspaceError(
+            "the tasks disagree on fan_in_fan_out; they cannot come from one base model", where
+        )
+    num_layers = _config_layers(base_model) or count_layers(cores.slots)
+    _check_gradients(recipe, names, num_layers, where)
+    seconds["load" if recipe.store else "project"] = time.perf_counter() - clock
+
+    # ---- merge ----
+    clock = time.perf_counter()
+    merged = merge_slots(recipe, cores, names, num_layers)
+    seconds["merge"] = time.perf_counter() - clock
+
+    # ---- lambda ----
+    validation = None
+    chosen = float(recipe.parameters.get("lambda", 1.0))  # type: ignore[arg-type]
+    if data:
+        clock = time.perf_counter()
+        chosen, validation = _validate_lambda(recipe, cores, names, merged, data, base_model, where)
+        seconds["validation"] = time.perf_counter() - clock
+
+    # ---- write ----
+    clock = time.perf_counter()
+    dtype_name = recipe.output.dtype or cores.tasks[names[0]].dtype
+    dtype = getattr(torch, dtype_name)
+    folders: dict[str, str] = {}
+    full_details: dict[str, Any] = {}
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        for label, head in tqdm(outputs, desc="write", disable=None if progress else True):
+            single = label == "merged"
+            folder = tmp if single else tmp / label
+            extras = cores.tasks[head].extras if head else {}
+            if recipe.output.format == "full":
+                assert base_ckpt is not None
+                full_details[label] = write_full_model(
+                    folder,
+                    base_ckpt,
+                    _scaled(merged.factors, chosen, torch.float64),
+                    extras,
+                    next(iter(fan_in_fan_out), False),
+                    parse_size(recipe.output.max_shard_size),
+                )
+            else:
+                staging = tmp / f".{label}.adapter"
+                write_lora_adapter(
+                    staging,
+                    _scaled(merged.factors, chosen, dtype),
+                    extras,
+                    _adapter_config(cores, head, names),
+                )
+                folder.mkdir(parents=True, exist_ok=True)
+                for item in staging.iterdir():
+                    shutil.move(str(item), str(folder / item.name))
+                staging.rmdir()
+            folders[label] = str(target if single else target / label)
+        seconds["write"] = time.perf_counter() - clock
+        seconds["total"] = time.perf_counter() - started
+        report = _report(
+            recipe, recipe_path, cores, names, chosen, validation, merged, seconds, folders, num_layers
+        )
+        if full_details:
+            report["full"] = full_details
+        (tmp / REPORT).write_bytes(json_bytes(_finite(report)))
+    return MergeResult(out=target, folders={k: Path(v) for k, v in folders.items()}, report=report)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/Inf; write them as strings so the report stays valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

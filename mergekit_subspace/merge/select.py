@@ -1,0 +1,125 @@
+"""Choose lambda on validation data: each task's merged adapter, loaded through PEFT, scored over a grid.
+
+Every method's merged core is linear in lambda, so one written folder per task serves the whole grid: the
+folder is written at lambda = 1 and loaded once with PeftModel.from_pretrained, and each grid point sets the
+LoRA scale (LoraLayer.set_scale), which is exactly the folder with lambda folded into lora_B.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.eval.data import load_classification_jsonl, load_exact_match_jsonl
+
+
+@dataclass
+class ValidationData:
+    """One task's validation examples and how they are scored."""
+
+    kind: str  # "classification" or "exact_match"
+    examples: list
+    path: str
+
+
+def detect_kind(path: Path) -> str:
+    """Classification rows have text/label, generation rows prompt/answer (the `bench` formats)."""
+    if not path.is_file():
+        raise SubspaceError("validation data not found", path)
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SubspaceError(f"line 1 is not valid JSON ({exc.msg})", path) from exc
+                if isinstance(row, dict) and "prompt" in row and "answer" in row:
+                    return "exact_match"
+                return "classification"
+    raise SubspaceError("evaluation set is empty", path)
+
+
+def load_validation(path: str | Path, max_examples: int | None) -> ValidationData:
+    path = Path(path)
+    kind = detect_kind(path)
+    if kind == "exact_match":
+        return ValidationData(kind, load_exact_match_jsonl(path, max_examples), str(path))
+    return ValidationData(kind, load_classification_jsonl(path, max_examples), str(path))
+
+
+def set_lora_scale(model: torch.nn.Module, factor: float) -> None:
+    """Scale every LoRA layer to `factor` x its configured alpha / r (written folders use scale 1)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in list(module.scaling):
+                module.set_scale(adapter, factor)
+
+
+class Scorer:
+    """Keeps the base model in memory; each candidate folder is loaded through PEFT on a fresh copy."""
+
+    def __init__(self, base_model: str | Path, batch_size: int = 64) -> None:
+        self.base = Path(base_model)
+        if not self.base.is_dir():
+            raise SubspaceError(
+                "validation needs the base model folder (set `base_model:` in the recipe)", self.base
+            )
+        self.batch_size = batch_size
+        self._cache: dict[tuple[str, int | None], torch.nn.Module] = {}
+
+    def _base_model(self, kind: str, num_labels: int | None) -> torch.nn.Module:
+        from mergekit_subspace.eval.models import load_causal_lm, load_classifier
+
+        key = (kind, num_labels)
+        if key not in self._cache:
+            self._cache[key] = (
+                load_causal_lm(self.base, None)
+                if kind == "exact_match"
+                else load_classifier(self.base, None, num_labels)
+            )
+        return self._cache[key]
+
+    def grid(self, adapter_dir: Path, data: ValidationData, grid: list[float]) -> list[float]:
+        """Score of the folder at each lambda of the grid."""
+        from peft import PeftModel
+
+        from mergekit_subspace.eval.metrics import classification_accuracy, exact_match_accuracy
+        from mergekit_subspace.eval.models import head_size
+
+        num_labels = head_size(adapter_dir) if data.kind == "classification" else None
+        if data.kind == "classification" and num_labels is not None:
+            labels = {label for _, label in data.examples}
+            if max(labels) >= num_labels:
+                raise SubspaceError(
+                    f"has label {max(labels)} but the task's head has {num_labels} outputs", data.path
+                )
+        model = PeftModel.from_pretrained(
+            copy.deepcopy(self._base_model(data.kind, num_labels)), str(adapter_dir)
+        )
+        model.eval()
+        scores = []
+        for value in grid:
+            set_lora_scale(model, value)
+            if data.kind == "exact_match":
+                score = exact_match_accuracy(self.base, None, data.examples, model=model)
+            else:
+                score = classification_accuracy(
+                    self.base, None, data.examples, batch_size=self.batch_size, model=model
+                )
+            scores.append(score)
+        return scores
+
+
+def choose(grid: list[float], mean_scores: list[float]) -> float:
+    """Best mean score; among equals the lambda closest to 1 (the unscaled merge), so choices are stable."""
+    best = max(mean_scores)
+    candidates = [g for g, s in zip(grid, mean_scores, strict=True) if s >= best - 1e-12]
+    return min(candidates, key=lambda g: (abs(math.log(abs(g))) if g != 0 else math.inf, g))

