@@ -113,5 +113,31 @@ def verify(store: str) -> None:
     click.echo(f"ok: {store} is intact")
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder for results.json, report.md, PNGs."
+)
+@click.option("--overwrite", is_flag=True, help="Reuse a non-empty output folder.")
+@_friendly
+def bench(recipe: str, out: str, overwrite: bool) -> None:
+    """Accuracy and bytes of RECIPE's zoo compressed at each k, beside the baselines.
+
+    Scores, through PEFT: original, reconstructed, mean_adapter, per_task_svd (equal bytes), leave_one_out,
+    base_only and vLoRA (if installed), and writes OUT/results.json, OUT/report.md and plots.
+    """
+    from mergekit_subspace.bench.run import run_bench
+
+    results = run_bench(recipe, out, overwrite=overwrite)
+    for k, entry in results["summary"].items():
+        cells = ", ".join(
+            f"{m} {entry[m]['mean_normalized']:.3f}"
+            for m in entry
+            if isinstance(entry[m], dict) and entry[m]["mean_normalized"] is not None
+        )
+        click.echo(f"k={k}: ratio {results['bytes']['per_k'][k]['ratio']:.1f}x; normalized accuracy: {cells}")
+    click.echo(f"wrote {out}/results.json, report.md and plots")
+
+
 if __name__ == "__main__":
     main()

@@ -28,6 +28,19 @@ def _save_base(model: torch.nn.Module, folder: Path) -> Path:
     return folder
 
 
+WORDS = [f"w{i}" for i in range(100)]
+
+
+def _save_word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A WordPiece tokenizer over the words w0..w99, so text evaluators run on the tiny BERT."""
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = (specials + WORDS)[:vocab_size]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
@@ -40,7 +53,9 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
         max_position_embeddings=64,
         num_labels=3,
     )
-    return _save_base(BertForSequenceClassification(config), tmp_path_factory.mktemp("tiny-bert"))
+    folder = _save_base(BertForSequenceClassification(config), tmp_path_factory.mktemp("tiny-bert"))
+    _save_word_tokenizer(folder, config.vocab_size)
+    return folder
 
 
 @pytest.fixture(scope="session")

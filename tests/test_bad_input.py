@@ -20,7 +20,9 @@ def good(tiny_bert: Path, tmp_path: Path) -> list[Path]:
     return [make_lora(tiny_bert, tmp_path / "zoo" / f"ok{i}", seed=i) for i in range(2)]
 
 
-def run_compress(tmp_path: Path, base: Path, adapters: list[str], extra_args: tuple[str, ...] = (), body: str = ""):
+def run_compress(
+    tmp_path: Path, base: Path, adapters: list[str], extra_args: tuple[str, ...] = (), body: str = ""
+):
     listed = "\n".join(f"  - {a}" for a in adapters)
     recipe = write_recipe(
         tmp_path / "recipe.yaml",
@@ -74,7 +76,9 @@ def test_config_not_json(tiny_bert: Path, good: list[Path], tmp_path: Path) -> N
         ({"use_dora": True}, "DoRA"),
     ],
 )
-def test_not_a_plain_lora(tiny_bert: Path, good: list[Path], tmp_path: Path, change: dict, message: str) -> None:
+def test_not_a_plain_lora(
+    tiny_bert: Path, good: list[Path], tmp_path: Path, change: dict, message: str
+) -> None:
     bad = copy_adapter(good[0], tmp_path / "other")
     config = json.loads((bad / "adapter_config.json").read_text())
     config.update(change)
@@ -88,11 +92,21 @@ def test_truncated_and_corrupt_safetensors(tiny_bert: Path, good: list[Path], tm
     weights = truncated / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     result = run_compress(tmp_path, tiny_bert, [str(truncated)])
-    assert_refused(result, "truncated/adapter_model.safetensors", "not a readable safetensors", out=tmp_path / "out" / "store")
+    assert_refused(
+        result,
+        "truncated/adapter_model.safetensors",
+        "not a readable safetensors",
+        out=tmp_path / "out" / "store",
+    )
     garbage = copy_adapter(good[0], tmp_path / "garbage")
     (garbage / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     result = run_compress(tmp_path, tiny_bert, [str(garbage)])
-    assert_refused(result, "garbage/adapter_model.safetensors", "not a readable safetensors", out=tmp_path / "out" / "store")
+    assert_refused(
+        result,
+        "garbage/adapter_model.safetensors",
+        "not a readable safetensors",
+        out=tmp_path / "out" / "store",
+    )
 
 
 def test_nan_in_tensor(tiny_bert: Path, good: list[Path], tmp_path: Path) -> None:
@@ -105,13 +119,22 @@ def test_nan_in_tensor(tiny_bert: Path, good: list[Path], tmp_path: Path) -> Non
     assert_refused(result, "nan/adapter_model.safetensors", key, "NaN or Inf", out=tmp_path / "out" / "store")
 
 
-def test_shapes_that_do_not_fit_base(tiny_bert: Path, tiny_llama: Path, good: list[Path], tmp_path: Path) -> None:
+def test_shapes_that_do_not_fit_base(
+    tiny_bert: Path, tiny_llama: Path, good: list[Path], tmp_path: Path
+) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     wider = tmp_path / "wider-bert"
     BertForSequenceClassification(
-        BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, num_labels=3)
+        BertConfig(
+            vocab_size=120,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            num_labels=3,
+        )
     ).save_pretrained(wider)
     misfit = make_lora(wider, tmp_path / "misfit", seed=0)
     result = run_compress(tmp_path, tiny_bert, [str(good[0]), str(misfit)])
@@ -127,7 +150,11 @@ def test_duplicate_and_unsafe_names(tiny_bert: Path, good: list[Path], tmp_path:
     assert_refused(run_compress(tmp_path, tiny_bert, duplicate), "two tasks are named 'same'", out=store)
     for name in ("../x", "a/b", ".."):
         entry = [f"{{path: {good[0]}, name: '{name}'}}"]
-        assert_refused(run_compress(tmp_path, tiny_bert, entry), f"task name '{name}' is not a plain file name", out=store)
+        assert_refused(
+            run_compress(tmp_path, tiny_bert, entry),
+            f"task name '{name}' is not a plain file name",
+            out=store,
+        )
 
 
 def test_pickle_refused_unless_allowed(tiny_bert: Path, good: list[Path], tmp_path: Path) -> None:
@@ -136,7 +163,9 @@ def test_pickle_refused_unless_allowed(tiny_bert: Path, good: list[Path], tmp_pa
     (pickled / "adapter_model.safetensors").unlink()
     torch.save(tensors, pickled / "adapter_model.bin")
     result = run_compress(tmp_path, tiny_bert, [str(pickled)])
-    assert_refused(result, "pickled/adapter_model.bin", "pickle", "--allow-pickle", out=tmp_path / "out" / "store")
+    assert_refused(
+        result, "pickled/adapter_model.bin", "pickle", "--allow-pickle", out=tmp_path / "out" / "store"
+    )
     allowed = run_compress(tmp_path, tiny_bert, [str(pickled)], ("--allow-pickle",))
     assert allowed.exit_code == 0, allowed.output
     assert (tmp_path / "out" / "store" / "manifest.json").is_file()
@@ -146,7 +175,9 @@ def test_recipe_errors(tiny_bert: Path, good: list[Path], tmp_path: Path) -> Non
     store = tmp_path / "out" / "store"
     result = run_compress(tmp_path, tiny_bert, [str(good[0])], body="mystery: 1\n")
     assert_refused(result, "recipe.yaml", "mystery: unknown key", out=store)
-    recipe = write_recipe(tmp_path / "k0.yaml", f"adapters: [{good[0]}]\nsubspace: {{k: 0}}\noutput: {store}\n")
+    recipe = write_recipe(
+        tmp_path / "k0.yaml", f"adapters: [{good[0]}]\nsubspace: {{k: 0}}\noutput: {store}\n"
+    )
     result = CliRunner().invoke(main, ["compress", str(recipe)])
     assert_refused(result, "k0.yaml", "subspace.k", "greater than or equal to 1", out=store)
     recipe = write_recipe(tmp_path / "empty.yaml", f"adapters: []\noutput: {store}\n")
@@ -190,7 +221,9 @@ def test_existing_store_needs_overwrite(tiny_bert: Path, good: list[Path], tmp_p
     assert again.exit_code != 0 and "already exists" in again.output
 
 
-def test_add_errors_leave_store_untouched(tiny_bert: Path, tiny_llama: Path, good: list[Path], tmp_path: Path) -> None:
+def test_add_errors_leave_store_untouched(
+    tiny_bert: Path, tiny_llama: Path, good: list[Path], tmp_path: Path
+) -> None:
     assert run_compress(tmp_path, tiny_bert, [str(good[0])]).exit_code == 0
     store = tmp_path / "out" / "store"
     manifest = (store / "manifest.json").read_bytes()

@@ -56,9 +56,13 @@ def test_finetunes_and_adapters_in_one_store(tiny_bert: Path, tmp_path: Path) ->
     assert "bert.encoder.layer.0.attention.output.LayerNorm" in entry["peft_config"]["modules_to_save"]
     assert entry["peft_config"]["lora_bias"] is True
     out = store.reconstruct("legal", tmp_path / "legal-peft")
-    torch.testing.assert_close(peft_logits(tiny_bert, out), finetuned_logits(tuned, tiny_bert), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        peft_logits(tiny_bert, out), finetuned_logits(tuned, tiny_bert), atol=1e-4, rtol=1e-4
+    )
     lora_out = store.reconstruct("lora0", tmp_path / "lora0-peft")
-    torch.testing.assert_close(peft_logits(tiny_bert, lora_out), peft_logits(tiny_bert, adapter), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        peft_logits(tiny_bert, lora_out), peft_logits(tiny_bert, adapter), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_finetune_truncation_reports_energy_dropped(tiny_bert: Path, tmp_path: Path) -> None:

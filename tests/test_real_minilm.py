@@ -53,7 +53,8 @@ def test_real_adapters_round_trip_exactly(trained_zoo, tmp_path: Path) -> None:
     zoo, extra = folders[:3], folders[3]
     listed = "\n".join(f"  - {p}" for p in zoo)
     recipe = write_recipe(
-        tmp_path / "r.yaml", f"base_model: {minilm_path()}\nadapters:\n{listed}\nsubspace: {{k: 64}}\noutput: {tmp_path / 's'}\n"
+        tmp_path / "r.yaml",
+        f"base_model: {minilm_path()}\nadapters:\n{listed}\nsubspace: {{k: 64}}\noutput: {tmp_path / 's'}\n",
     )
     result = CliRunner().invoke(main, ["compress", str(recipe)])
     assert result.exit_code == 0, result.output
@@ -75,7 +76,8 @@ def test_truncated_basis_on_real_adapters_keeps_accuracy_close(trained_zoo, tmp_
     folders, tasks = trained_zoo
     listed = "\n".join(f"  - {p}" for p in folders)
     recipe = write_recipe(
-        tmp_path / "r.yaml", f"base_model: {minilm_path()}\nadapters:\n{listed}\nsubspace: {{k: 8}}\noutput: {tmp_path / 's'}\n"
+        tmp_path / "r.yaml",
+        f"base_model: {minilm_path()}\nadapters:\n{listed}\nsubspace: {{k: 8}}\noutput: {tmp_path / 's'}\n",
     )
     assert CliRunner().invoke(main, ["compress", str(recipe)]).exit_code == 0
     store = SubspaceStore(tmp_path / "s")

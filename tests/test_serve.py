@@ -168,7 +168,10 @@ def test_never_densifies(tiny_bert: Path, bert_setup: dict) -> None:
         assert isinstance(model.get_submodule(slot), SubspaceLinear)
         assert layer.cores_t.shape == (len(store.tasks) + 1, meta["k_in"], meta["k_out"])
         assert torch.count_nonzero(layer.cores_t[0]) == 0  # row 0 is the base
-        assert layer.Ut.shape == (meta["k_out"], meta["shape"][0]) and layer.V.shape == (meta["shape"][1], meta["k_in"])
+        assert layer.Ut.shape == (meta["k_out"], meta["shape"][0]) and layer.V.shape == (
+            meta["shape"][1],
+            meta["k_in"],
+        )
     assert isinstance(model.get_submodule("classifier"), PerTaskLinear)
     sizes = served.resident_bytes()
     assert sizes["cores"] > 0 and sizes["basis"] > 0 and sizes["heads"] > 0
@@ -192,7 +195,9 @@ def test_mixed_generation_equals_peft_per_row(llama_setup: dict) -> None:
             assert out[i].tolist() == ref[0].tolist(), task
     assert out[0].tolist() != out[1].tolist()  # the tasks really differ
     # beams repeat each row in place: routing follows
-    beams = served.generate(rows[:2], input_ids=batch[:2], max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    beams = served.generate(
+        rows[:2], input_ids=batch[:2], max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0
+    )
     assert beams.shape[0] == 2
 
 
@@ -207,7 +212,9 @@ def test_gpt2_conv1d_fan_in_fan_out(tiny_gpt2: Path, tmp_path: Path) -> None:
     logits = served.forward(["g1", "g0", None], input_ids=ids).logits
     with torch.no_grad():
         for i, task in enumerate(["g1", "g0"]):
-            ref = peft_model(tiny_gpt2, store.reconstruct(task, tmp_path / "r" / task))(input_ids=ids[i : i + 1])
+            ref = peft_model(tiny_gpt2, store.reconstruct(task, tmp_path / "r" / task))(
+                input_ids=ids[i : i + 1]
+            )
             torch.testing.assert_close(logits[i], ref.logits[0], atol=1e-5, rtol=1e-5)
 
 
@@ -295,13 +302,20 @@ def llm_server(llama_setup: dict, tmp_path_factory: pytest.TempPathFactory):
     shutil.copytree(llama_setup["store"].path, store_dir)
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "mergekit_subspace.serve", str(store_dir), "--base", str(llama_setup["base"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mergekit_subspace.serve",
+        str(store_dir),
+        "--base",
+        str(llama_setup["base"]),
+    ]
     cmd += ["--port", str(port), "--batch-window-ms", "400", "--max-input-tokens", "40", "--threads", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
-        yield {"url": url, "store": store_dir, **llama_setup}
+        yield {**llama_setup, "url": url, "store": store_dir}
     finally:
         proc.terminate()
         try:
@@ -310,13 +324,17 @@ def llm_server(llama_setup: dict, tmp_path_factory: pytest.TempPathFactory):
             proc.kill()
 
 
-def reference_text(base: Path, adapter: Path | None, ids: list[int], max_new: int, tokenizer_dir: Path) -> str:
+def reference_text(
+    base: Path, adapter: Path | None, ids: list[int], max_new: int, tokenizer_dir: Path
+) -> str:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = load_base(base) if adapter is None else peft_model(base, adapter)
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=0
+        )
     new = out[0, len(ids) :].tolist()
     if 2 in new:
         new = new[: new.index(2)]
@@ -355,7 +373,9 @@ def test_openai_client_two_tasks_in_one_batch(llm_server: dict) -> None:
     chat_ids = ids_of(["user: hi\nassistant:"], llm_server["base"], special=False)[0]  # the template's text
     for reply, adapter in ((chats[0], llm_server["rebuilt"]["beta"]), (chats[1], None)):
         assert reply.choices[0].message.role == "assistant"
-        assert reply.choices[0].message.content == reference_text(llm_server["base"], adapter, chat_ids, 5, llm_server["base"])
+        assert reply.choices[0].message.content == reference_text(
+            llm_server["base"], adapter, chat_ids, 5, llm_server["base"]
+        )
 
     many = client.completions.create(model="alpha", prompt=["a", "bb"], max_tokens=3, temperature=0, n=2)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
@@ -372,7 +392,9 @@ def test_openai_client_errors(llm_server: dict) -> None:
         client.completions.create(model="alpha", prompt="x" * 60, max_tokens=2)
     assert too_long.value.status_code == 413
     with pytest.raises(openai.BadRequestError, match="stream"):
-        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}], stream=True)
+        client.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": "x"}], stream=True
+        )
 
 
 def test_plain_http_errors_and_the_server_lives_on(llm_server: dict) -> None:
@@ -385,22 +407,46 @@ def test_plain_http_errors_and_the_server_lives_on(llm_server: dict) -> None:
         ("/v1/completions", b"[1, 2]", 400, ""),
         ("/v1/completions", json.dumps({"model": "alpha"}).encode(), 400, "prompt"),
         ("/v1/completions", json.dumps({"prompt": "x"}).encode(), 400, "model"),
-        ("/v1/completions", json.dumps({"model": "alpha", "prompt": "x", "max_tokens": -3}).encode(), 400, "max_tokens"),
-        ("/v1/completions", json.dumps({"model": "alpha", "prompt": "x", "max_tokens": 60}).encode(), 413, "context"),
-        ("/v1/completions", json.dumps({"model": "alpha", "prompt": "x", "logprobs": 2}).encode(), 400, "logprobs"),
+        (
+            "/v1/completions",
+            json.dumps({"model": "alpha", "prompt": "x", "max_tokens": -3}).encode(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json.dumps({"model": "alpha", "prompt": "x", "max_tokens": 70}).encode(),
+            413,
+            "context",
+        ),
+        (
+            "/v1/completions",
+            json.dumps({"model": "alpha", "prompt": "x", "logprobs": 2}).encode(),
+            400,
+            "logprobs",
+        ),
         ("/v1/chat/completions", json.dumps({"model": "alpha", "messages": []}).encode(), 400, "messages"),
-        ("/v1/chat/completions", json.dumps({"model": "ghost", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "known: base, alpha, beta"),
+        (
+            "/v1/chat/completions",
+            json.dumps({"model": "ghost", "messages": [{"role": "user", "content": "x"}]}).encode(),
+            404,
+            "known: base, alpha, beta",
+        ),
         ("/v1/classify", json.dumps({"model": "alpha", "input": ["x"]}).encode(), 400, "causal"),
         ("/v1/completions", b"x" * (5 << 20), 413, "limit"),
     ]
     for path, body, status, fragment in cases:
-        reply = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=30)
+        reply = httpx.post(
+            f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=30
+        )
         assert reply.status_code == status, (path, body[:80], reply.text)
         assert fragment in reply.json()["error"]["message"], reply.text
     assert httpx.get(f"{url}/nowhere").status_code == 404
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["kind"] == "causal"
-    ok = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 2, "temperature": 0})
+    ok = httpx.post(
+        f"{url}/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 2, "temperature": 0}
+    )
     assert ok.status_code == 200
 
 
@@ -410,11 +456,17 @@ def test_task_added_while_serving(llm_server: dict) -> None:
     url = llm_server["url"]
     assert httpx.post(f"{url}/v1/completions", json={"model": "gamma", "prompt": "x"}).status_code == 404
     SubspaceStore(llm_server["store"]).add(llm_server["zoo"][2], name="gamma")
-    reply = httpx.post(f"{url}/v1/completions", json={"model": "gamma", "prompt": "the cat sat", "max_tokens": 4, "temperature": 0}, timeout=30)
+    reply = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "gamma", "prompt": "the cat sat", "max_tokens": 4, "temperature": 0},
+        timeout=30,
+    )
     assert reply.status_code == 200, reply.text
     rebuilt = SubspaceStore(llm_server["store"]).reconstruct("gamma", llm_server["store"].parent / "gamma")
     ids = ids_of(["the cat sat"], llm_server["base"])[0]
-    assert reply.json()["choices"][0]["text"] == reference_text(llm_server["base"], rebuilt, ids, 4, llm_server["base"])
+    assert reply.json()["choices"][0]["text"] == reference_text(
+        llm_server["base"], rebuilt, ids, 4, llm_server["base"]
+    )
     assert "gamma" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
 
 
@@ -426,7 +478,9 @@ def cls_server(tiny_bert: Path, bert_setup: dict, tmp_path_factory: pytest.TempP
     from mergekit_subspace.serve.command import build_app
 
     base = with_tokenizer(tiny_bert, tmp_path_factory.mktemp("cls") / "tiny-bert")
-    app = build_app(str(bert_setup["store"].path), str(base), window_s=0.3, max_pending=3, max_input_tokens=30)
+    app = build_app(
+        str(bert_setup["store"].path), str(base), window_s=0.3, max_pending=3, max_input_tokens=30
+    )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -434,7 +488,7 @@ def cls_server(tiny_bert: Path, bert_setup: dict, tmp_path_factory: pytest.TempP
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)
-        yield {"url": url, "base": base, **bert_setup}
+        yield {**bert_setup, "url": url, "base": base}
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -444,7 +498,11 @@ def test_classify_mixed_tasks_in_input_order(cls_server: dict) -> None:
     import httpx
 
     url, base = cls_server["url"], cls_server["base"]
-    requests = [("t0", ["a dog", "the red car is fast", "x"]), ("five", ["hello there", "a dog"]), ("base", ["z"])]
+    requests = [
+        ("t0", ["a dog", "the red car is fast", "x"]),
+        ("five", ["hello there", "a dog"]),
+        ("base", ["z"]),
+    ]
 
     def post(item):
         task, texts = item

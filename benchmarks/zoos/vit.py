@@ -399,7 +399,7 @@ def pretrain_vit(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix_str(f"loss={float(loss):.3f}", refresh=False)
+        bar.set_postfix_str(f"loss={float(loss.detach()):.3f}", refresh=False)
     bar.close()
     seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
     model.eval()

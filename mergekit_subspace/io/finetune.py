@@ -92,7 +92,9 @@ def read_finetune(
             lora_bias = True
         else:
             whole_modules.add(module)
-    if lora_bias:  # PEFT gives every LoRA layer a bias then: write the zero ones too, so the folder is complete
+    if (
+        lora_bias
+    ):  # PEFT gives every LoRA layer a bias then: write the zero ones too, so the folder is complete
         for module in slots:
             key = f"{PEFT_PREFIX}{module}.lora_B.bias"
             if key not in extras and f"{module}.bias" in tuned.shapes:

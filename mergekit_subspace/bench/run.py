@@ -1,0 +1,251 @@
+"""Run a bench recipe: compress at each k, write every method's PEFT folder, score each through PEFT.
+
+Everything a reader needs to doubt the headline is measured in the same run: the original adapters, the
+reconstructed ones, the mean adapter, per-task SVD at equal bytes, leave-one-out, base-only and vLoRA.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergekit_subspace.bench import baselines
+from mergekit_subspace.bench.evaluate import load_task_data, scorer
+from mergekit_subspace.bench.recipe import BenchRecipe, parse_bench_recipe
+from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.eval.models import head_size
+from mergekit_subspace.io.files import atomic_write_bytes, json_bytes
+from mergekit_subspace.io.peft import write_lora_adapter
+from mergekit_subspace.sources import TaskSource
+from mergekit_subspace.subspace import SubspaceStore, load_recipe_tasks
+
+METHODS = ("original", "reconstructed", "mean_adapter", "per_task_svd", "leave_one_out", "base_only", "vlora")
+ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _write(path: Path, factors: baselines.Factors, task: TaskSource) -> Path:
+    dtype = getattr(torch, task.dtype)
+    cast = {m: (B.to(dtype), A.to(dtype)) for m, (B, A) in factors.items()}
+    return write_lora_adapter(path, cast, task.extras, task.peft_config, overwrite=True)
+
+
+class _Scorer:
+    """Writes a method's adapter for a task, scores it through PEFT, removes it (disk stays small)."""
+
+    def __init__(
+        self, recipe: BenchRecipe, work: Path, data: dict[str, Any], labels: dict[str, int | None]
+    ) -> None:
+        assert recipe.base_model is not None
+        self.score = scorer(recipe.eval, recipe.base_model)
+        self.work, self.data, self.labels = work, data, labels
+
+    def folder(self, path: Path, task: TaskSource) -> float:
+        return self.score(path, self.data[task.name], self.labels[task.name])
+
+    def factors(self, factors: baselines.Factors, task: TaskSource, tag: str) -> float:
+        path = _write(self.work / f"{tag}-{task.name}", factors, task)
+        try:
+            return self.folder(path, task)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _payload_elements(store: SubspaceStore) -> int:
+    """Numbers in the basis and the cores: what every compressed method is compared on (heads excluded)."""
+    total = sum(U.numel() + V.numel() for U, V in (store.basis(m) for m in store.slots))
+    return total + sum(c.numel() for name in store.tasks for c in store.cores(name).values())
+
+
+def _cast_source_bytes(tasks: list[TaskSource], dtype: str) -> int:
+    """Sources re-saved in the store's dtype: separates the gain of the basis from the gain of casting."""
+    item = ITEM_BYTES[dtype]
+    numbers = sum(d.A.numel() + d.B.numel() for t in tasks for d in t.slots.values())
+    numbers += sum(x.numel() for t in tasks for x in t.extras.values())
+    return numbers * item
+
+
+def run_bench(
+    recipe_path: str | Path, out: str | Path, progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
+    """Measure a bench recipe into OUT/results.json, OUT/report.md and OUT/*.png."""
+    recipe_path = Path(recipe_path)
+    recipe = parse_bench_recipe(recipe_path)
+    if not recipe.base_model:
+        raise SubspaceError(
+            "bench needs base_model: accuracy is measured on the base plus each adapter", recipe_path
+        )
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SubspaceError("already exists and is not empty; pass --overwrite", out)
+    budgets = recipe.budgets()
+    tasks, base = load_recipe_tasks(recipe, recipe_path, progress=progress)
+    # every data file is read and checked before any fitting or training starts
+    labels = {t.name: head_size(t.source) if t.kind == "lora" else None for t in tasks}
+    data = {t.name: load_task_data(recipe.eval, t.name, t.source) for t in tasks}
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    judge = _Scorer(recipe, work, data, labels)
+    show = None if progress else True
+    per_task: dict[str, dict[str, Any]] = {t.name: {} for t in tasks}
+    fixed: dict[str, dict[str, float | None]] = {}
+    mean_factors = baselines.mean_adapter(tasks)
+    for task in tqdm(tasks, desc="original / base / mean", disable=show):
+        fixed[task.name] = {
+            "original": judge.folder(Path(task.source), task) if task.kind == "lora" else None,
+            "base_only": judge.factors(baselines.zero_factors(task), task, "base"),
+            "mean_adapter": judge.factors({m: mean_factors[m] for m in task.slots}, task, "mean"),
+        }
+
+    results: dict[str, Any] = {
+        "recipe": str(recipe_path),
+        "eval": recipe.eval.model_dump(),
+        "tasks": [t.name for t in tasks],
+        "budgets": budgets,
+        "bytes": {
+            "sources": sum(t.source_bytes for t in tasks),
+            "sources_cast_to_store_dtype": _cast_source_bytes(tasks, recipe.subspace.dtype),
+            "store_dtype": recipe.subspace.dtype,
+            "per_k": {},
+        },
+        "timing": {},
+        "peers": {},
+        "per_task": per_task,
+    }
+    use_vlora = "vlora" in recipe.peers
+    if use_vlora:
+        from mergekit_subspace.bench import vlora_peer
+
+        use_vlora = vlora_peer.available()
+        if not use_vlora:
+            results["peers"]["vlora"] = "not installed (pip install vlora-dev)"
+
+    for k in budgets:
+        settings = recipe.subspace.model_copy(update={"k": k, "energy": None})
+        started = time.perf_counter()
+        store = SubspaceStore.from_tasks(
+            tasks, settings, out / "stores" / f"k{k}", base=base, overwrite=True, progress=progress
+        )
+        fit_seconds = time.perf_counter() - started
+        info = store.info()
+        payload = _payload_elements(store)
+        item = ITEM_BYTES[settings.dtype]
+        results["bytes"]["per_k"][str(k)] = {
+            "store": info["bytes"]["store"],
+            "basis": info["bytes"]["basis"],
+            "payload": payload * item,
+            "per_task_mean": (info["bytes"]["store"] - info["bytes"]["basis"]) / len(tasks),
+            "ratio": info["ratio"],
+            "ratio_vs_cast_sources": results["bytes"]["sources_cast_to_store_dtype"] / info["bytes"]["store"],
+        }
+        vlora_factors: dict[str, baselines.Factors] = {}
+        if use_vlora:
+            vlora_factors, vlora_bytes, vlora_meta = vlora_peer.vlora_at_bytes(tasks, payload * item)
+            results["peers"].setdefault("vlora", {})[str(k)] = {"bytes": vlora_bytes, **vlora_meta}
+        reconstruct_ms = []
+        for task in tqdm(tasks, desc=f"k={k}", disable=show):
+            row: dict[str, Any] = dict(fixed[task.name])
+            t0 = time.perf_counter()
+            rebuilt = store.reconstruct(task.name, work / f"rec-{task.name}", overwrite=True)
+            reconstruct_ms.append((time.perf_counter() - t0) * 1000)
+            row["reconstructed"] = judge.folder(rebuilt, task)
+            shutil.rmtree(rebuilt, ignore_errors=True)
+            row["rel_error"] = info["per_task"][task.name]["rel_error"]
+            svd_factors, svd_rank = baselines.per_task_svd(task, payload / len(tasks))
+            row["per_task_svd"] = judge.factors(svd_factors, task, "svd")
+            row["per_task_svd_rank"] = svd_rank
+            if recipe.leave_one_out and len(tasks) > 1:
+                loo_factors, loo_error = baselines.leave_one_out(
+                    tasks, tasks.index(task), k, settings.normalize
+                )
+                row["leave_one_out"] = (
+                    judge.factors(loo_factors, task, "loo") if loo_factors else row["base_only"]
+                )
+                row["leave_one_out_rel_error"] = loo_error
+            else:
+                row["leave_one_out"] = None
+            row["vlora"] = (
+                judge.factors(vlora_factors[task.name], task, "vlora") if task.name in vlora_factors else None
+            )
+            per_task[task.name][str(k)] = row
+        results["timing"][str(k)] = {
+            "fit_seconds": fit_seconds,
+            "reconstruct_ms_per_task_median": statistics.median(reconstruct_ms),
+        }
+        results["bytes"]["per_k"][str(k)]["slots"] = {
+            m: {"k_out": s["k_out"], "k_in": s["k_in"], "captured_energy": s["captured_energy"]}
+            for m, s in info["slots"].items()
+        }
+    results["summary"] = summarize(results)
+    results["peak_rss_mib"] = peak_rss_mib()
+    results["not_shown"] = not_shown(results, tasks)
+    shutil.rmtree(work, ignore_errors=True)
+
+    from mergekit_subspace.bench.report import write_report
+
+    atomic_write_bytes(out / "results.json", json_bytes(results))
+    write_report(results, out)
+    return results
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Mean accuracy and mean normalized accuracy (method / original) per k and method."""
+    summary: dict[str, Any] = {}
+    for k in map(str, results["budgets"]):
+        rows = [per_k[k] for per_k in results["per_task"].values()]
+        entry: dict[str, Any] = {}
+        for method in METHODS:
+            values = [r[method] for r in rows if r.get(method) is not None]
+            normalized = [
+                r[method] / r["original"] for r in rows if r.get(method) is not None and r.get("original")
+            ]
+            entry[method] = {
+                "mean_accuracy": statistics.fmean(values) if values else None,
+                "mean_normalized": statistics.fmean(normalized) if normalized else None,
+                "tasks": len(values),
+            }
+        entry["mean_rel_error"] = statistics.fmean(r["rel_error"] for r in rows)
+        summary[k] = entry
+    return summary
+
+
+def not_shown(results: dict[str, Any], tasks: list[TaskSource]) -> list[str]:
+    """What this run could not show, said in the results rather than left for the reader to find."""
+    notes = []
+    if any(t.kind == "finetune" for t in tasks):
+        notes.append(
+            "fine-tune tasks have no PEFT original to score; their normalized accuracy is not computed"
+        )
+    vlora = results["peers"].get("vlora")
+    if isinstance(vlora, str):
+        notes.append(f"vLoRA: {vlora}")
+    elif vlora:
+        missing = [
+            t for t, row in results["per_task"].items() if any(r.get("vlora") is None for r in row.values())
+        ]
+        if missing:
+            notes.append(
+                f"vLoRA cannot hold adapters with rank_pattern; not scored for {len(missing)} task(s)"
+            )
+        over = [k for k, v in vlora.items() if v["bytes"] > results["bytes"]["per_k"][k]["payload"] * 1.05]
+        if over:
+            notes.append(
+                f"vLoRA's smallest subspace exceeds our bytes at k={', '.join(over)} (see peers.vlora)"
+            )
+    if math.isfinite(results["bytes"]["sources"]):
+        notes.append("bytes exclude the base model, which every method needs once")
+    return notes
