@@ -1,0 +1,71 @@
+"""Text-zoo benchmark: MiniLM LoRAs on WordNet tasks, compressed at several k, every baseline scored via PEFT.
+
+    python -m benchmarks.text_bench [--n 48] [--k 4 8 16 32] [--max-examples 256] [--cache DIR] [--out DIR]
+
+Builds (or reuses) the zoo, writes the bench recipe it ran beside the results, and runs `mergekit-subspace
+bench` on it. Results land in benchmarks/results/text/ (results.json, report.md, PNGs, recipe.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import yaml  # noqa: E402
+
+from benchmarks.zoos.text import build_text_zoo, minilm_path  # noqa: E402
+from mergekit_subspace.bench.run import run_bench  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CACHE = ROOT / "cache" / "text"
+DEFAULT_OUT = ROOT / "results" / "text"
+
+
+def write_recipe(
+    path: Path, zoo: Path, names: list[str], ks: list[int], max_examples: int, dtype: str
+) -> Path:
+    recipe = {
+        "base_model": minilm_path(),
+        "adapters": [str(zoo / "adapters" / name) for name in names],
+        "subspace": {"k": max(ks), "normalize": True, "dtype": dtype},
+        "eval": {
+            "type": "sequence_classification",
+            "data": str(zoo / "eval" / "{task}.jsonl"),
+            "max_examples": max_examples,
+        },
+        "sweep": {"k": ks},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=48)
+    parser.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--max-examples", type=int, default=256)
+    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+
+    entries = build_text_zoo(args.cache, n_adapters=args.n)
+    names = [entry["name"] for entry in entries]
+    recipe = write_recipe(args.out / "recipe.yaml", args.cache, names, args.k, args.max_examples, args.dtype)
+    results = run_bench(recipe, args.out, overwrite=True)
+    shutil.rmtree(args.out / "stores", ignore_errors=True)  # stores are reproducible from the recipe
+    (args.out / "command.txt").write_text(
+        "python -m benchmarks." + Path(__file__).stem + " " + " ".join(argv or sys.argv[1:]) + "\n"
+    )
+    print((args.out / "report.md").read_text())
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
