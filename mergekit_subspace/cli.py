@@ -68,8 +68,9 @@ def add(store: str, adapter: str, name: str | None, allow_pickle: bool) -> None:
 
     opened = SubspaceStore(store)
     entry = opened.add(adapter, name=name, allow_pickle=allow_pickle)
-    task = name or os.path.basename(os.path.normpath(adapter))
-    click.echo(f"added '{task}': relative error {entry['rel_error']:.4f} over {len(entry['slots'])} slots")
+    click.echo(
+        f"added '{entry['name']}': relative error {entry['rel_error']:.4f} over {len(entry['slots'])} slots"
+    )
 
 
 @main.command()

@@ -6,6 +6,7 @@ to a PEFT folder, `info()["slots"][m]["captured_energy"]` plays explained_varian
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_subspace.basis import SlotBasis, captured_energy, fit_slot_basis
+from mergekit_subspace.basis import captured_energy, fit_slot_basis
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.checkpoint import Checkpoint
 from mergekit_subspace.io.files import atomic_directory, json_bytes, sha256_bytes, tensors_to_bytes
@@ -27,7 +28,7 @@ from mergekit_subspace.io.store import (
     task_file,
     task_tensors,
 )
-from mergekit_subspace.lowrank import COMPUTE_DTYPE, core_to_factors, stored_error_sq
+from mergekit_subspace.lowrank import core_to_factors, stored_error_sq
 from mergekit_subspace.recipe import (
     CompressRecipe,
     SubspaceSettings,
@@ -166,7 +167,6 @@ class SubspaceStore:
         check_unique_names(tasks)
         shapes = slot_shapes(tasks, base)
         store_dtype = _dtype(settings.dtype)
-        fitted: dict[str, SlotBasis] = {}
         slot_meta: dict[str, Any] = {}
         stored_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module in tqdm(sorted(shapes), desc="fit bases", disable=None if progress else True):
@@ -179,7 +179,6 @@ class SubspaceStore:
                 normalize=settings.normalize,
                 refine=settings.refine,
             )
-            fitted[module] = basis
             stored_bases[module] = (basis.U.to(store_dtype), basis.V.to(store_dtype))
             total_out = float(basis.spectrum_out.sum()) or 1.0
             slot_meta[module] = {
@@ -276,7 +275,10 @@ class SubspaceStore:
     def add(
         self, adapter: str | Path | TaskSource, name: str | None = None, allow_pickle: bool = False
     ) -> dict:
-        """Project one more adapter onto the existing bases; writes its small task file, then the manifest."""
+        """Project one more adapter onto the existing bases; writes its small task file, then the manifest.
+
+        Returns the task's manifest entry with its name (rel_error tells how much the basis could not hold).
+        """
         source = (
             adapter
             if isinstance(adapter, TaskSource)
@@ -286,11 +288,11 @@ class SubspaceStore:
         bases = self._bases_for(source)
         store_dtype = _dtype(self.manifest["settings"]["dtype"])
         data, entry = _encode_task(source, bases, store_dtype, added=True)
-        manifest = json_roundtrip(self.manifest)
+        manifest = copy.deepcopy(self.manifest)
         manifest["tasks"][source.name] = entry
         manifest["files"][task_file(source.name)] = sha256_bytes(data)
         self.files.write_task_and_manifest(source.name, data, manifest)
-        return entry
+        return {"name": source.name, **entry}
 
     # ---- reconstructing -------------------------------------------------------------------------------
     def task_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -361,11 +363,4 @@ class SubspaceStore:
         return self.files.verify()
 
 
-def json_roundtrip(obj: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy through JSON, so a new manifest never aliases the loaded one."""
-    import json
-
-    return json.loads(json_bytes(obj))
-
-
-__all__ = ["SubspaceStore", "load_recipe_tasks", "COMPUTE_DTYPE"]
+__all__ = ["SubspaceStore", "load_recipe_tasks"]

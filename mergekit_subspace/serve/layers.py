@@ -122,6 +122,9 @@ class SubspaceLinear(_Delegating):
                 if self.biases is None
                 else self.biases[rows].reshape(-1, *[1] * (y.ndim - 2), y.shape[-1])
             )
+        if bias is None and y.dtype == dtype and y.is_contiguous() and torch.is_inference_mode_enabled():
+            y.view(-1, y.shape[-1]).addmm_(g.reshape(-1, g.shape[-1]), self.Ut)  # shared, fused into y
+            return y
         delta = g @ self.Ut  # shared: [B, ..., m]
         if bias is not None:
             delta = delta + bias
