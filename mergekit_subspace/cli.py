@@ -140,5 +140,17 @@ def bench(recipe: str, out: str, overwrite: bool) -> None:
     click.echo(f"wrote {out}/results.json, report.md and plots")
 
 
+def _register_feature_commands() -> None:
+    """Commands that live beside their feature's code; they import their heavy dependencies lazily."""
+    from mergekit_subspace.merge.command import merge
+    from mergekit_subspace.serve.command import serve
+
+    main.add_command(merge)
+    main.add_command(serve)
+
+
+_register_feature_commands()
+
+
 if __name__ == "__main__":
     main()
