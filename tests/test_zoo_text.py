@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from benchmarks.zoos import text as zoo  # noqa: E402
 
 N_ADAPTERS = 2
 STEPS = 15
+SMALL = {"n_train": 32, "n_test": 16}  # per class: keeps the test well under a minute
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("text_zoo")
-    entries = zoo.build_text_zoo(out, n_adapters=N_ADAPTERS, steps=STEPS, progress=False)
+    entries = zoo.build_text_zoo(out, n_adapters=N_ADAPTERS, steps=STEPS, progress=False, **SMALL)
     return out, entries
 
 
@@ -65,6 +67,11 @@ def test_zoo_files_are_real_peft_adapters(built: tuple[Path, list[dict]]) -> Non
         folder = out / entry["path"]
         assert (folder / "adapter_config.json").is_file()
         assert (folder / "adapter_model.safetensors").is_file()
+        # shared caches: files keep the umask's permissions, not mkstemp's owner-only 0600
+        mask = os.umask(0)
+        os.umask(mask)
+        for name in ("adapter_model.safetensors", "zoo_entry.json"):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == 0o666 & ~mask
         config = PeftConfig.from_pretrained(str(folder))
         assert config.task_type == "SEQ_CLS"
         assert config.r == entry["r"] and config.lora_alpha == entry["alpha"]
@@ -72,14 +79,14 @@ def test_zoo_files_are_real_peft_adapters(built: tuple[Path, list[dict]]) -> Non
         assert config.base_model_name_or_path == zoo.minilm_path()
         assert 0.0 <= entry["accuracy"] <= 1.0
         lines = (out / entry["eval"]).read_text().splitlines()
-        assert lines and set(json.loads(lines[0])) == {"text", "label"}
+        assert len(lines) == 4 * SMALL["n_test"] and set(json.loads(lines[0])) == {"text", "label"}
     # index 1 adapts query/key/value, so the zoo really mixes target sets
     assert {tuple(sorted(e["targets"])) for e in entries} == {
         ("query", "value"),
         ("key", "query", "value"),
     }
 
-    task = zoo.make_tasks(1)[0]
+    task = zoo.make_tasks(1, **SMALL)[0]
     base = zoo._load_base(zoo.minilm_path(), task)
     model = PeftModel.from_pretrained(base, str(out / entries[0]["path"]))
     lora_a = [n for n, _ in model.named_parameters() if "lora_A" in n]
@@ -91,7 +98,7 @@ def test_second_build_is_cached(built: tuple[Path, list[dict]]) -> None:
     weights = [out / e["path"] / "adapter_model.safetensors" for e in entries]
     before = [w.stat().st_mtime_ns for w in weights]
     start = time.perf_counter()
-    again = zoo.build_text_zoo(out, n_adapters=N_ADAPTERS, steps=STEPS, progress=False)
+    again = zoo.build_text_zoo(out, n_adapters=N_ADAPTERS, steps=STEPS, progress=False, **SMALL)
     assert time.perf_counter() - start < 10
     assert [w.stat().st_mtime_ns for w in weights] == before
     assert again == entries

@@ -24,15 +24,22 @@ THREADS_ENV = "MERGEKIT_ZOO_THREADS"
 
 
 def limit_threads() -> None:
-    """Cap torch at two threads (fewer if the machine has fewer cores, or if $MERGEKIT_ZOO_THREADS says so).
+    """Cap torch at two threads, and use one when the machine is already busy.
 
-    On a loaded 2-core machine one thread is the faster choice: two threads spin-wait on each
-    other and measured 2.7x slower in wall time than one (tiny ViT, load average 8).
+    $MERGEKIT_ZOO_THREADS overrides the choice (still capped at two).  On a loaded 2-core machine
+    (load average ~7) two torch threads spin-wait on each other: a SmolLM2 forward measured 17x
+    slower with two threads than with one, a tiny-ViT training step 2.7x slower.
     """
     import torch
 
-    wanted = int(os.environ.get(THREADS_ENV, MAX_THREADS) or MAX_THREADS)
-    torch.set_num_threads(max(1, min(wanted, MAX_THREADS, os.cpu_count() or 1)))
+    cores = os.cpu_count() or 1
+    wanted = os.environ.get(THREADS_ENV, "").strip()
+    if wanted:
+        threads = int(wanted)
+    else:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = MAX_THREADS if busy < cores - 1 else 1
+    torch.set_num_threads(max(1, min(threads, MAX_THREADS, cores)))
 
 
 @contextlib.contextmanager
@@ -105,6 +112,7 @@ def staging_dir(parent: Path, name: str) -> Iterator[Path]:
     """A temp folder beside the final one (same filesystem, so the rename is atomic); removed on failure."""
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished folder is shared with other users
     try:
         yield tmp
     finally:

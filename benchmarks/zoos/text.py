@@ -15,35 +15,41 @@ build resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
+import functools
 import json
 import math
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from benchmarks.zoos._common import (  # also sets HF_HUB_OFFLINE / TOKENIZERS_PARALLELISM
+    atomic_write_text,
+    cached_entry,
+    file_sha256,
+    hash_json,
+    limit_threads,
+    linear_warmup_decay,
+    quiet_hf,
+    replace_dir,
+    staging_dir,
+    versions,
+)
 
 # Bump when a change would alter trained weights; it is part of every cache key.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 DEFAULT_N_TRAIN = 128  # examples per class
 DEFAULT_N_TEST = 64  # examples per class
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 100
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LR = 2e-3
-MAX_THREADS = 2
 
 # WordNet 3.0 lexicographer files, indexed by lex_filenum (see lexnames(5WN)).
 LEXNAMES: tuple[str, ...] = (
@@ -108,8 +114,7 @@ class TextTask:
 
     def fingerprint(self) -> str:
         """Hash of the exact data, so caches notice any change in sampling."""
-        payload = json.dumps([self.name, self.labels, self.train, self.test])
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return hash_json([self.name, self.labels, self.train, self.test], length=16)
 
 
 def minilm_path() -> str:
@@ -126,6 +131,12 @@ def minilm_path() -> str:
 
 def load_glosses(wordnet_dir: str | os.PathLike[str] = DEFAULT_WORDNET_DIR) -> dict[str, list[str]]:
     """Map supersense name (e.g. ``noun.animal``) to its unique glosses, in file order."""
+    return {name: list(glosses) for name, glosses in _read_glosses(str(Path(wordnet_dir))).items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_glosses(wordnet_dir: str) -> dict[str, tuple[str, ...]]:
+    """Parse once per process (~1 s); callers get fresh lists from ``load_glosses``."""
     root = Path(wordnet_dir)
     files = [root / "data.noun", root / "data.verb"]
     missing = [str(f) for f in files if not f.is_file()]
@@ -149,7 +160,7 @@ def load_glosses(wordnet_dir: str | os.PathLike[str] = DEFAULT_WORDNET_DIR) -> d
                 lexnum = int(fields[1])
                 name = LEXNAMES[lexnum] if lexnum < len(LEXNAMES) else f"lex{lexnum:02d}"
                 out.setdefault(name, {})[gloss] = None
-    return {name: list(glosses) for name, glosses in out.items()}
+    return {name: tuple(glosses) for name, glosses in out.items()}
 
 
 def _short(sense: str) -> str:
@@ -223,63 +234,34 @@ def _n_combos(n: int, k: int) -> int:
     return math.comb(n, k) if n >= k else 0
 
 
+def _readable(*paths: Path) -> None:
+    """Give files the usual umask permissions: temp-file writers (``mkstemp``, and
+    safetensors' own atomic save) leave them owner-only, which breaks shared caches."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_eval_jsonl(task: TextTask, path: str | os.PathLike[str]) -> Path:
     """Write the test split as ``{"text", "label"}`` lines (atomically; unchanged files untouched)."""
     path = Path(path)
     body = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in task.test)
     if path.is_file() and path.read_text(encoding="utf-8") == body:
         return path  # keep mtime stable so cached runs look cached
-    _atomic_write_text(path, body)
+    atomic_write_text(path, body)
+    _readable(path)
     return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------- training
 
 
-@contextlib.contextmanager
-def _quiet_hf() -> Iterator[None]:
-    """Silence expected chatter (new-classifier notice, weight-loading bars, deprecations)."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        hf_logging.set_verbosity(old)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _limit_threads() -> None:
-    import torch
-
-    torch.set_num_threads(max(1, min(MAX_THREADS, os.cpu_count() or 1, torch.get_num_threads())))
-
-
 def _load_base(model_path: str, task: TextTask) -> Any:
     from transformers import AutoModelForSequenceClassification
 
-    with _quiet_hf():
+    with quiet_hf():
         return AutoModelForSequenceClassification.from_pretrained(
             model_path,
             num_labels=len(task.labels),
@@ -299,10 +281,10 @@ def evaluate_adapter(
     import torch
     from peft import PeftModel
 
-    _limit_threads()
+    limit_threads()
     model_path = model_path or minilm_path()
     tokenizer = _tokenizer(model_path)
-    with _quiet_hf():
+    with quiet_hf():
         model = PeftModel.from_pretrained(_load_base(model_path, task), str(adapter_dir))
     model.eval()
     ids = _encode(tokenizer, [t for t, _ in task.test], max_length)
@@ -353,7 +335,7 @@ def _bucketed_batches(lengths: list[int], batch_size: int, gen: Any) -> list[lis
 def _tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
-    with _quiet_hf():
+    with quiet_hf():
         return AutoTokenizer.from_pretrained(model_path)
 
 
@@ -381,54 +363,53 @@ def train_lora(
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
-    _limit_threads()
+    limit_threads()
     model_path = model_path or minilm_path()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    random.seed(seed)
-    torch.manual_seed(seed)  # also fixes the new classifier's init
-    tokenizer = _tokenizer(model_path)
-    base = _load_base(model_path, task)
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=r,
-        lora_alpha=lora_alpha,
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        use_rslora=use_rslora,
-    )
-    with _quiet_hf():
-        model = get_peft_model(base, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    )
+    # Seeded, but in a forked RNG so callers' random streams are left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # also fixes the new classifier's init
+        tokenizer = _tokenizer(model_path)
+        base = _load_base(model_path, task)
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=r,
+            lora_alpha=lora_alpha,
+            target_modules=list(target_modules),
+            lora_dropout=0.0,
+            use_rslora=use_rslora,
+        )
+        with quiet_hf():
+            model = get_peft_model(base, config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(steps))
 
-    ids = _encode(tokenizer, [t for t, _ in task.train], max_length)
-    lengths = [len(x) for x in ids]
-    labels = torch.tensor([y for _, y in task.train])
-    gen = torch.Generator().manual_seed(seed)
-    queue: list[list[int]] = []
-    loss = torch.tensor(float("nan"))
-    model.train()
-    start = time.perf_counter()
-    for _ in range(steps):
-        if not queue:
-            queue = _bucketed_batches(lengths, batch_size, gen)
-        idx = queue.pop()
-        batch = _pad([ids[i] for i in idx], tokenizer.pad_token_id)
-        loss = model(**batch, labels=labels[idx]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
-    final_loss = float(loss.detach())
-    model.save_pretrained(str(out))
+        ids = _encode(tokenizer, [t for t, _ in task.train], max_length)
+        lengths = [len(x) for x in ids]
+        labels = torch.tensor([y for _, y in task.train])
+        gen = torch.Generator().manual_seed(seed)
+        queue: list[list[int]] = []
+        loss = torch.tensor(float("nan"))
+        model.train()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            if not queue:
+                queue = _bucketed_batches(lengths, batch_size, gen)
+            idx = queue.pop()
+            batch = _pad([ids[i] for i in idx], tokenizer.pad_token_id)
+            loss = model(**batch, labels=labels[idx]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
+        final_loss = float(loss.detach())
+        model.save_pretrained(str(out))
     del model, base, opt
 
     eval_start = time.perf_counter()
@@ -438,6 +419,7 @@ def train_lora(
         "labels": task.labels,
         "accuracy": accuracy,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),
         "eval_seconds": round(time.perf_counter() - eval_start, 2),
         "final_loss": final_loss,
         "r": r,
@@ -453,19 +435,11 @@ def train_lora(
         "n_test": len(task.test),
         "base_model_name_or_path": model_path,
         "code_version": CODE_VERSION,
-        "versions": _versions(),
+        "versions": versions(),
         **(extra_entry or {}),
     }
     (out / "zoo_entry.json").write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
     return entry
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__}
 
 
 # ---------------------------------------------------------------------------- zoo
@@ -490,39 +464,19 @@ def zoo_settings(index: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def cache_key(task: TextTask, settings: dict[str, Any], steps: int, model_path: str) -> str:
-    """Everything that determines an adapter's weights, hashed."""
+def cache_key(task: TextTask, settings: dict[str, Any], steps: int, model_id: str) -> str:
+    """Everything that determines an adapter's weights, hashed (``model_id``: hash of the base weights)."""
     payload = {
         "task": task.name,
         "data": task.fingerprint(),
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
         "steps": steps,
-        "model": Path(model_path).name,
+        "batch_size": DEFAULT_BATCH_SIZE,
+        "lr": DEFAULT_LR,
+        "model": model_id,
         "code_version": CODE_VERSION,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _cached_entry(folder: Path, key: str) -> dict[str, Any] | None:
-    entry_file = folder / "zoo_entry.json"
-    if not (entry_file.is_file() and (folder / "adapter_model.safetensors").is_file()):
-        return None
-    try:
-        entry = json.loads(entry_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return entry if entry.get("cache_key") == key else None
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; the old one is only removed afterwards."""
-    trash = None
-    if dst.exists():
-        trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, trash)
-    os.rename(src, dst)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    return hash_json(payload)
 
 
 def build_text_zoo(
@@ -533,13 +487,16 @@ def build_text_zoo(
     progress: bool = True,
     model_path: str | None = None,
     wordnet_dir: str | os.PathLike[str] = DEFAULT_WORDNET_DIR,
+    n_train: int = DEFAULT_N_TRAIN,
+    n_test: int = DEFAULT_N_TEST,
 ) -> list[dict[str, Any]]:
     """Build (or resume) ``out_dir/adapters/<task>/`` + ``out_dir/eval/<task>.jsonl``.
 
     An adapter whose ``zoo_entry.json`` carries the same cache key is reused, so
     re-running is free; each adapter is trained in a temp folder and renamed into
     place, so an interrupted build never leaves a half-written adapter behind.
-    Writes ``out_dir/zoo.json`` and returns its entries.
+    Writes ``out_dir/zoo.json`` and returns its entries.  ``n_train``/``n_test``
+    are per class (smaller only for quick tests).
     """
     from tqdm.auto import tqdm
 
@@ -548,19 +505,19 @@ def build_text_zoo(
     root = Path(out_dir)
     adapters_dir = root / "adapters"
     adapters_dir.mkdir(parents=True, exist_ok=True)
-    tasks = make_tasks(n_adapters, seed=seed, wordnet_dir=wordnet_dir)
+    tasks = make_tasks(n_adapters, n_train=n_train, n_test=n_test, seed=seed, wordnet_dir=wordnet_dir)
+    model_id = file_sha256(Path(model_path) / "model.safetensors")
 
     entries: list[dict[str, Any]] = []
     bar = tqdm(tasks, desc="text zoo", unit="adapter", disable=None if progress else True)
     for index, task in enumerate(bar):
         settings = zoo_settings(index, seed)
-        key = cache_key(task, settings, steps, model_path)
+        key = cache_key(task, settings, steps, model_id)
         folder = adapters_dir / task.name
         eval_path = write_eval_jsonl(task, root / "eval" / f"{task.name}.jsonl")
-        entry = _cached_entry(folder, key)
+        entry = cached_entry(folder, key)
         if entry is None:
-            tmp = Path(tempfile.mkdtemp(dir=adapters_dir, prefix=f".{task.name}.tmp-"))
-            try:
+            with staging_dir(adapters_dir, task.name) as tmp:
                 entry = train_lora(
                     task,
                     tmp,
@@ -569,9 +526,8 @@ def build_text_zoo(
                     extra_entry={"cache_key": key, "index": index},
                     **settings,
                 )
-                _replace_dir(tmp, folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                _readable(tmp)
+                replace_dir(tmp, folder)
         bar.set_postfix_str(f"{task.name[:28]} acc={entry['accuracy']:.3f}")
         entries.append(
             {
@@ -597,7 +553,8 @@ def build_text_zoo(
         "steps": steps,
         "entries": entries,
     }
-    _atomic_write_text(root / "zoo.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(root / "zoo.json", json.dumps(summary, indent=2) + "\n")
+    _readable(root / "zoo.json")
     return entries
 
 
@@ -609,6 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help=f"train steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wordnet-dir", default=DEFAULT_WORDNET_DIR)
+    parser.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN, help="train examples per class")
+    parser.add_argument("--n-test", type=int, default=DEFAULT_N_TEST, help="test examples per class")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     entries = build_text_zoo(
@@ -618,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         progress=not args.quiet,
         wordnet_dir=args.wordnet_dir,
+        n_train=args.n_train,
+        n_test=args.n_test,
     )
     accs = [e["accuracy"] for e in entries]
     mean = sum(accs) / len(accs) if accs else float("nan")
