@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from mergekit_subspace.eval.models import load_causal_lm, load_classifier
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
 
 
 @torch.no_grad()
@@ -20,9 +29,7 @@ def classification_accuracy(
     model: torch.nn.Module | None = None,
 ) -> float:
     """Fraction of examples whose argmax logit is the label."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer = _tokenizer(str(base))
     model = model if model is not None else load_classifier(base, adapter_dir, num_labels)
     correct = 0
     for start in range(0, len(examples), batch_size):
@@ -53,9 +60,7 @@ def exact_match_accuracy(
     model: torch.nn.Module | None = None,
 ) -> float:
     """Greedy generation; an example counts when the first line of the output equals the answer (normalized)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer = copy.copy(_tokenizer(str(base)))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

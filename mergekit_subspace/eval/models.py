@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -25,28 +27,33 @@ def head_size(adapter_dir: str | Path) -> int | None:
     return None
 
 
-def load_classifier(base: str | Path, adapter_dir: str | Path | None, num_labels: int | None = None):
-    """Sequence classifier: base + PEFT adapter (its head comes from modules_to_save)."""
-    from transformers import AutoModelForSequenceClassification
+@lru_cache(maxsize=2)
+def _cached_base(kind: str, base: str, labels: int) -> torch.nn.Module:
+    """One pristine copy of a base per process: evaluations deep-copy it instead of re-reading the weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    labels = num_labels or (head_size(adapter_dir) if adapter_dir else None) or 2
-    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=labels)
+    if kind == "classifier":
+        return AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels).eval()
+    return AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()
+
+
+def _with_adapter(model: torch.nn.Module, adapter_dir: str | Path | None) -> torch.nn.Module:
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model.eval()
+
+
+def load_classifier(base: str | Path, adapter_dir: str | Path | None, num_labels: int | None = None):
+    """Sequence classifier: a fresh copy of the base + the PEFT folder (its head comes from modules_to_save)."""
+    labels = num_labels or (head_size(adapter_dir) if adapter_dir else None) or 2
+    return _with_adapter(copy.deepcopy(_cached_base("classifier", str(base), labels)), adapter_dir)
 
 
 def load_causal_lm(base: str | Path, adapter_dir: str | Path | None):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return model.eval()
+    """Causal LM: a fresh copy of the base + the PEFT folder."""
+    return _with_adapter(copy.deepcopy(_cached_base("causal_lm", str(base), 0)), adapter_dir)
 
 
 def adapter_task_type(adapter_dir: str | Path) -> str | None:
