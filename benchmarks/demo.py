@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.text_bench import DEFAULT_CACHE  # noqa: E402
 from benchmarks.zoos.text import build_text_zoo, minilm_path  # noqa: E402
 from mergekit_subspace.eval.data import load_classification_jsonl  # noqa: E402
 from mergekit_subspace.eval.metrics import classification_accuracy  # noqa: E402
@@ -37,16 +39,33 @@ def link_base(out: Path) -> Path:
     return link
 
 
+def link_zoo(cache: Path, names: list[str], zoo: Path) -> None:
+    """demo-out/zoo holds links to exactly the demo's adapters, so the recipe's glob picks those and no more."""
+    shutil.rmtree(zoo, ignore_errors=True)
+    for sub, suffix in (("adapters", ""), ("eval", ".jsonl")):
+        (zoo / sub).mkdir(parents=True)
+        for name in names:
+            (zoo / sub / f"{name}{suffix}").symlink_to((cache / sub / f"{name}{suffix}").resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=6, help="adapters in the demo zoo")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the zoo's)")
+    parser.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help="text zoo cache, shared with benchmarks.text_bench"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per adapter (default: the zoo's)"
+    )
     args = parser.parse_args(argv)
 
     os.chdir(ROOT)  # the recipe's paths are relative to the repository root
     base = link_base(OUT)
-    print(f"1/4 building a zoo of {args.n} MiniLM LoRAs on WordNet tasks (cached in {OUT / 'zoo'})", flush=True)
-    entries = build_text_zoo(OUT / "zoo", n_adapters=args.n, steps=args.steps)
+    print(
+        f"1/4 building a zoo of {args.n} MiniLM LoRAs on WordNet tasks (cached in {args.cache})", flush=True
+    )
+    entries = build_text_zoo(args.cache, n_adapters=args.n, steps=args.steps)
+    link_zoo(args.cache, [entry["name"] for entry in entries], OUT / "zoo")
     print(f"2/4 compressing with {RECIPE.relative_to(ROOT)}", flush=True)
     store = SubspaceStore.compress(RECIPE, overwrite=True)
     info = store.info()
