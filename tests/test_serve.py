@@ -294,6 +294,16 @@ def test_quantized_base_matches_peft_on_the_same_base(wide_llama: dict, bits: st
             torch.testing.assert_close(logits[i], ref, atol=1e-4, rtol=1e-4)
 
 
+def test_command_refuses_a_missing_store_cleanly(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mergekit_subspace.serve.command import serve
+
+    result = CliRunner().invoke(serve, [str(tmp_path / "nope"), "--base", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "store folder not found" in result.output and "Traceback" not in result.output
+
+
 # ---- the real server ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llm_server(llama_setup: dict, tmp_path_factory: pytest.TempPathFactory):

@@ -202,3 +202,11 @@ def test_python_api_round_trip(tiny_bert: Path, bert_zoo: list[Path], tmp_path: 
     cores = store.project(bert_zoo[2])
     for module, core in cores.items():
         torch.testing.assert_close(core.to(torch.float32), store.cores("task2")[module], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_bias_keeps_its_scale(tiny_bert: Path, tmp_path: Path) -> None:
+    """PEFT scales lora_B.bias by alpha / r; the rebuilt adapter (scale 1) must carry that scale."""
+    zoo = [make_lora(tiny_bert, tmp_path / "z" / f"b{i}", seed=i, r=2, alpha=8, lora_bias=True) for i in range(2)]
+    store = SubspaceStore(compress_zoo(tmp_path, tiny_bert, zoo))
+    out = store.reconstruct("b1", tmp_path / "b1")
+    torch.testing.assert_close(peft_logits(tiny_bert, out), peft_logits(tiny_bert, zoo[1]), atol=1e-5, rtol=1e-5)

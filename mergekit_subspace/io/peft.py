@@ -31,6 +31,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_LORA_BIAS_KEY = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
 # PEFT variants whose delta is not D = s * B @ A on the weight: refusing them beats a silently wrong store.
 _REFUSED_FLAGS = {
     "use_dora": "DoRA (use_dora: true) rescales weight columns by a learned magnitude",
@@ -143,6 +144,13 @@ def read_lora_adapter(folder: str | Path, allow_pickle: bool = False) -> LoraAda
         alphas[module] = alpha
         slots[module] = LowRankDelta(B=B, A=A, scale=lora_scale(alpha, int(A.shape[0]), rslora))
         dtypes.update((A.dtype, B.dtype))
+
+    # PEFT scales lora_B's bias with alpha / r like the rest of the branch; written back at scale 1, it must
+    # carry that scale itself
+    for key in list(extras):
+        bias = _LORA_BIAS_KEY.match(key)
+        if bias is not None and module_path(bias["module"]) in slots:
+            extras[key] = extras[key] * slots[module_path(bias["module"])].scale
 
     config_bytes = config_path.read_bytes()
     weight_bytes = weights_path.read_bytes()

@@ -75,6 +75,9 @@ class MultiTaskModel:
     >>> served = MultiTaskModel(model, "store/")
     >>> served.forward(["sst2", None, "mnli"], input_ids=ids)   # None (or "base") = the plain base model
     >>> served.generate(["summarize", "translate"], input_ids=ids, max_new_tokens=16)
+
+    The routing is state shared by the wrapped layers: run one forward at a time per model (the HTTP server does,
+    on its single model thread).
     """
 
     def __init__(
