@@ -76,7 +76,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
