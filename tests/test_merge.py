@@ -334,19 +334,12 @@ def test_full_output_respects_fan_in_fan_out(tiny_gpt2: Path, tmp_path: Path) ->
 
 
 def test_lambda_is_chosen_on_validation_data(tiny_bert: Path, two_bert: list[Path], tmp_path: Path) -> None:
+    """Labels are what the task predicts at lambda = 2 through a head centred there; the grid must find 2."""
     base = _bert_with_tokenizer(tiny_bert, tmp_path / "tiny-bert-tok")
-    teacher = merge(
-        {
-            "merge_method": "task_arithmetic",
-            "adapters": [str(two_bert[0])],
-            "base_model": str(base),
-            "parameters": {"lambda": 2.0},
-            "output": {"path": str(tmp_path / "teacher")},
-        },
-        progress=False,
-    )
     texts = _texts(48)
-    labels = _predict(base, teacher.folders["ta"], texts)
+    task = _head_centred_at(base, two_bert[0], texts, 2.0, tmp_path / "zoo2" / "ta")
+    labels = _predict(base, task, texts, scale=2.0)
+    assert len(set(labels)) > 1
     data = tmp_path / "val.jsonl"
     data.write_text(
         "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels, strict=True))
@@ -355,7 +348,7 @@ def test_lambda_is_chosen_on_validation_data(tiny_bert: Path, two_bert: list[Pat
         tmp_path,
         {
             "merge_method": "task_arithmetic",
-            "adapters": [str(two_bert[0])],
+            "adapters": [str(task)],
             "base_model": str(base),
             "tasks": [{"name": "ta", "validation": str(data)}],
             "validation": {"lambda_grid": [0.5, 1.0, 2.0]},
@@ -366,10 +359,10 @@ def test_lambda_is_chosen_on_validation_data(tiny_bert: Path, two_bert: list[Pat
     report = json.loads((tmp_path / "chosen" / "merge_report.json").read_text())
     assert report["lambda"] == 2.0 and report["lambda_source"] == "validation"
     scores = report["validation"]["task_scores"]["ta"]
-    assert scores[2] == 1.0 and len(scores) == 3 and min(scores) < 1.0
-    chosen = dense(tmp_path / "chosen" / "ta")
-    for module, delta in dense(teacher.folders["ta"]).items():
-        torch.testing.assert_close(chosen[module], delta, atol=1e-5, rtol=1e-5)
+    assert scores[2] == 1.0 and max(scores[:2]) < 1.0
+    chosen, original = dense(tmp_path / "chosen" / "ta"), dense(task)
+    for module, delta in original.items():
+        torch.testing.assert_close(chosen[module], 2.0 * delta, atol=1e-5, rtol=1e-5)
 
 
 # ---- bad input: a clear error and nothing written -------------------------------------------------------
@@ -457,11 +450,8 @@ def _bert_with_tokenizer(tiny_bert: Path, out: Path) -> Path:
     from transformers import BertTokenizer
 
     shutil.copytree(tiny_bert, out)
-    vocab = out / "vocab.txt"
-    vocab.write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]) + "\n"
-    )
-    BertTokenizer(vocab_file=str(vocab), do_lower_case=True).save_pretrained(out)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(out)
     return out
 
 
@@ -470,12 +460,45 @@ def _texts(n: int) -> list[str]:
     return [" ".join(f"w{int(i)}" for i in torch.randint(0, 115, (10,), generator=gen)) for _ in range(n)]
 
 
-def _predict(base: Path, adapter: Path, texts: list[str]) -> list[int]:
+def _classifier_model(base: Path, adapter: Path, scale: float) -> torch.nn.Module:
     from peft import PeftModel
+
+    from mergekit_subspace.merge.select import set_lora_scale
+
+    model = PeftModel.from_pretrained(load_base(base), adapter).eval()
+    set_lora_scale(model, scale)
+    return model
+
+
+def _predict(base: Path, adapter: Path, texts: list[str], scale: float = 1.0) -> list[int]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = PeftModel.from_pretrained(load_base(base), adapter).eval()
+    model = _classifier_model(base, adapter, scale)
     with torch.no_grad():
-        logits = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits
+        logits = model(**AutoTokenizer.from_pretrained(base)(texts, return_tensors="pt", padding=True)).logits
     return [int(i) for i in logits.argmax(-1)]
+
+
+def _head_centred_at(base: Path, adapter: Path, texts: list[str], scale: float, out: Path) -> Path:
+    """A copy of `adapter` whose head is large and centred on the mean pooled output at `scale`, so its
+    predictions vary by example there and collapse towards one class at other scales."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    model = _classifier_model(base, adapter, scale)
+    pooled: list[torch.Tensor] = []
+    classifier = model.base_model.model.classifier
+    handle = classifier.register_forward_hook(lambda _m, args, _o: pooled.append(args[0].detach()))
+    with torch.no_grad():
+        model(**AutoTokenizer.from_pretrained(base)(texts, return_tensors="pt", padding=True))
+    handle.remove()
+    centre = pooled[0].mean(dim=0)
+    shutil.copytree(adapter, out)
+    weights = load_file(out / "adapter_model.safetensors")
+    head = torch.randn(weights[HEAD].shape, generator=torch.Generator().manual_seed(9)) * 1000
+    weights[HEAD] = head
+    weights[HEAD.replace("weight", "bias")] = -(head @ centre)
+    save_file(weights, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out

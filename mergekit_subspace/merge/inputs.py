@@ -73,8 +73,8 @@ def from_store(path: str | Path, names: list[str] | None) -> CoreSet:
     cores = {}
     for name in wanted:
         entry = manifest["tasks"][name]
-        tasks[name] = TaskInputs(name, dict(entry["peft_config"]), store.extras(name), entry["dtype"])
-        cores[name] = store.cores(name)
+        cores[name], extras = store.files.task(name)  # one read of the task file for both
+        tasks[name] = TaskInputs(name, dict(entry["peft_config"]), extras, entry["dtype"])
     used = sorted({m for c in cores.values() for m in c})
     bases = {m: tuple(t.to(COMPUTE_DTYPE) for t in store.basis(m)) for m in used}
     shapes = {m: tuple(manifest["slots"][m]["shape"]) for m in used}

@@ -217,7 +217,12 @@ def tsv(inputs: SlotInputs) -> torch.Tensor:
 
 
 def iso_c(inputs: SlotInputs) -> torch.Tensor:
-    """Iso-C: SVD of the task-arithmetic sum, every singular value replaced by their mean (same nuclear norm)."""
+    """Iso-C: SVD of the task-arithmetic sum, every singular value replaced by their mean (same nuclear norm).
+
+    The paper's deltas are full fine-tunes, of full rank; a sum of LoRAs is not, so the mean runs over the
+    numerically non-zero singular values and the null space stays empty (lifting it would add arbitrary
+    directions). With an output rank, the top directions of the sum are kept at that same mean value.
+    """
     P, S, Qh = torch.linalg.svd(task_arithmetic(inputs), full_matrices=False)
     sigma, keep = _iso_scale(S, inputs.rank)
     return sigma * (P[:, :keep] @ Qh[:keep])
@@ -225,7 +230,12 @@ def iso_c(inputs: SlotInputs) -> torch.Tensor:
 
 def iso_cts(inputs: SlotInputs) -> torch.Tensor:
     """Iso-CTS: the top common_fraction of the sum's singular directions, plus for each task the top
-    directions of its residual outside that common subspace; both sides orthogonalised, spectrum flattened."""
+    directions of its residual outside that common subspace; both sides orthogonalised, spectrum flattened.
+
+    The budget split follows the reference code (common size rounded so the rest divides evenly among the
+    tasks), over the sum's numerical rank instead of min(m, n), for the same reason as in iso_c; a task
+    whose residual has fewer directions than its share contributes only those it has.
+    """
     summed = task_arithmetic(inputs)
     P, S, Qh = torch.linalg.svd(summed, full_matrices=False)
     present = _present(inputs)

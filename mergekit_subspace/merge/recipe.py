@@ -47,7 +47,7 @@ class ValidationSettings(Strict):
 
     lambda_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDA_GRID), min_length=1)
     max_examples: int | None = Field(256, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
 
 
 def parse_size(value: int | str) -> int:

@@ -66,7 +66,7 @@ def set_lora_scale(model: torch.nn.Module, factor: float) -> None:
 class Scorer:
     """Keeps the base model in memory; each candidate folder is loaded through PEFT on a fresh copy."""
 
-    def __init__(self, base_model: str | Path, batch_size: int = 64) -> None:
+    def __init__(self, base_model: str | Path, batch_size: int = 32) -> None:
         self.base = Path(base_model)
         if not self.base.is_dir():
             raise SubspaceError(
@@ -74,6 +74,33 @@ class Scorer:
             )
         self.batch_size = batch_size
         self._cache: dict[tuple[str, int | None], torch.nn.Module] = {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.base))
+        return self._tokenizer
+
+    @torch.no_grad()
+    def _classification_accuracy(self, model: torch.nn.Module, examples: list[tuple[str, int]]) -> float:
+        """Argmax accuracy; examples run shortest first, so batches carry little padding (order-free)."""
+        ordered = sorted(examples, key=lambda e: len(e[0]))
+        correct = 0
+        for start in range(0, len(ordered), self.batch_size):
+            batch = ordered[start : start + self.batch_size]
+            encoded = self.tokenizer(
+                [text for text, _ in batch],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
+            predicted = model(**encoded).logits.argmax(-1)
+            correct += int((predicted == torch.tensor([label for _, label in batch])).sum())
+        return correct / len(examples)
 
     def _base_model(self, kind: str, num_labels: int | None) -> torch.nn.Module:
         from mergekit_subspace.eval.models import load_causal_lm, load_classifier
@@ -91,7 +118,7 @@ class Scorer:
         """Score of the folder at each lambda of the grid."""
         from peft import PeftModel
 
-        from mergekit_subspace.eval.metrics import classification_accuracy, exact_match_accuracy
+        from mergekit_subspace.eval.metrics import exact_match_accuracy
         from mergekit_subspace.eval.models import head_size
 
         num_labels = head_size(adapter_dir) if data.kind == "classification" else None
@@ -111,9 +138,7 @@ class Scorer:
             if data.kind == "exact_match":
                 score = exact_match_accuracy(self.base, None, data.examples, model=model)
             else:
-                score = classification_accuracy(
-                    self.base, None, data.examples, batch_size=self.batch_size, model=model
-                )
+                score = self._classification_accuracy(model, data.examples)
             scores.append(score)
         return scores
 
