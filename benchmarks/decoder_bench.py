@@ -29,6 +29,7 @@ from benchmarks.zoos._common import limit_threads  # noqa: E402
 from benchmarks.zoos.decoder import build_decoder_zoo, smollm2_path  # noqa: E402
 from mergekit_subspace.bench.report import markdown  # noqa: E402
 from mergekit_subspace.bench.run import run_bench  # noqa: E402
+from mergekit_subspace.io.codec import STORE_DTYPES  # noqa: E402
 from mergekit_subspace.io.files import atomic_write_bytes, json_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[8])
     parser.add_argument("--max-examples", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float16", choices=list(STORE_DTYPES))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument(

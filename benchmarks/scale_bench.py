@@ -43,6 +43,7 @@ from mergekit_subspace.bench import baselines  # noqa: E402
 from mergekit_subspace.bench.evaluate import load_task_data, scorer  # noqa: E402
 from mergekit_subspace.bench.recipe import parse_bench_recipe  # noqa: E402
 from mergekit_subspace.eval.models import head_size  # noqa: E402
+from mergekit_subspace.io.codec import STORE_DTYPES  # noqa: E402
 from mergekit_subspace.io.files import atomic_write_bytes, json_bytes  # noqa: E402
 from mergekit_subspace.io.peft import write_lora_adapter  # noqa: E402
 from mergekit_subspace.io.store import MANIFEST  # noqa: E402
@@ -53,7 +54,7 @@ from mergekit_subspace.subspace import SubspaceStore, load_recipe_tasks  # noqa:
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_VIT_ZOO", "/work/zoo-cache/vit"))
 DEFAULT_OUT = ROOT / "results" / "scale"
-ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 METHODS = ("original", "reconstructed", "per_task_svd", "mean_adapter", "base_only")
 
 
@@ -80,12 +81,6 @@ def _write(path: Path, factors: baselines.Factors, task: TaskSource) -> Path:
     dtype = getattr(torch, task.dtype)
     cast = {m: (B.to(dtype), A.to(dtype)) for m, (B, A) in factors.items()}
     return write_lora_adapter(path, cast, task.extras, task.peft_config, overwrite=True)
-
-
-def _payload_elements(store: SubspaceStore) -> int:
-    """Numbers in the basis and the cores (heads excluded): the budget per-task SVD is given."""
-    total = sum(U.numel() + V.numel() for U, V in (store.basis(m) for m in store.slots))
-    return total + sum(c.numel() for name in store.tasks for c in store.cores(name).values())
 
 
 def _numbers(factors: baselines.Factors) -> int:
@@ -150,7 +145,7 @@ def measure_n(
     fit_seconds = time.perf_counter() - started
     info = store.info()
     item = ITEM_BYTES[settings.dtype]
-    payload = _payload_elements(store)
+    payload = store.stored_numbers()
     heads = sum(x.numel() for t in zoo for x in t.extras.values()) * item
     cast_sources = sum(d.A.numel() + d.B.numel() for t in zoo for d in t.slots.values()) * item + heads
     mean_factors = baselines.mean_adapter(zoo)
@@ -415,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[10, 50, 100, 500])
     parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float16", choices=list(STORE_DTYPES))
     parser.add_argument("--sample", type=int, default=40, help="tasks scored per N when N is larger")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-examples", type=int, default=400)

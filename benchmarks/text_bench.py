@@ -20,6 +20,7 @@ import yaml  # noqa: E402
 
 from benchmarks.zoos.text import build_text_zoo, minilm_path  # noqa: E402
 from mergekit_subspace.bench.run import run_bench  # noqa: E402
+from mergekit_subspace.io.codec import STORE_DTYPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CACHE = ROOT / "cache" / "text"
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--max-examples", type=int, default=256)
-    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float16", choices=list(STORE_DTYPES))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)

@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergekit_subspace.errors import SubspaceError
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def check_task_name(name: str, where: str | Path | None = None) -> str:
@@ -48,7 +47,7 @@ class SubspaceSettings(Strict):
     energy: float | None = Field(None, gt=0.0, le=1.0)
     normalize: bool = True
     refine: int = Field(0, ge=0, le=50)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
 
     @model_validator(mode="after")
     def one_budget(self) -> SubspaceSettings:

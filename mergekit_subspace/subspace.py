@@ -17,18 +17,21 @@ from tqdm.auto import tqdm
 from mergekit_subspace.basis import captured_energy, fit_slot_basis
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.checkpoint import Checkpoint
-from mergekit_subspace.io.files import atomic_directory, json_bytes, sha256_bytes, tensors_to_bytes
+from mergekit_subspace.io.codec import extras_dtype, pack_cores
+from mergekit_subspace.io.files import atomic_directory, sha256_bytes, tensors_to_bytes
 from mergekit_subspace.io.peft import write_lora_adapter
 from mergekit_subspace.io.store import (
     BASIS,
     FORMAT,
     MANIFEST,
     StoreFiles,
-    basis_keys,
+    basis_tensors,
+    manifest_bytes,
+    slot_layouts,
     task_file,
     task_tensors,
 )
-from mergekit_subspace.lowrank import core_to_factors, stored_error_sq
+from mergekit_subspace.lowrank import COMPUTE_DTYPE, core_to_factors, stored_error_sq
 from mergekit_subspace.recipe import (
     CompressRecipe,
     SubspaceSettings,
@@ -44,39 +47,41 @@ from mergekit_subspace.sources import (
     slot_shapes,
 )
 
-SPECTRUM_KEEP = 128  # leading squared singular values kept per slot for scree plots
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
+SPECTRUM_KEEP = 64  # leading squared singular values kept per slot for scree plots
 
 
 def _encode_task(
     task: TaskSource,
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    store_dtype: torch.dtype,
+    dtype: str,
     added: bool,
 ) -> tuple[bytes, dict[str, Any]]:
-    """Cores of one task on the stored bases, its file bytes and its manifest entry (errors from stored values)."""
-    cores: dict[str, torch.Tensor] = {}
+    """One task's file bytes and manifest entry; its errors are computed from the values as they will read back."""
+    projected = {module: delta.project(*bases[module]) for module, delta in task.slots.items()}
+    packed, readback = pack_cores(projected, {m: d.rank for m, d in task.slots.items()}, dtype)
+    rho = {layout.module: layout.rho for layout in packed.layouts}
     slot_stats: dict[str, Any] = {}
     total_err = total_norm = 0.0
     for module, delta in sorted(task.slots.items()):
         U, V = bases[module]
-        core = delta.project(U, V).to(store_dtype)
-        cores[module] = core
-        err_sq, norm_sq = stored_error_sq(delta, U, core, V), delta.norm_sq()
+        err_sq, norm_sq = stored_error_sq(delta, U, readback[module], V), delta.norm_sq()
         total_err += err_sq
         total_norm += norm_sq
         stats: dict[str, Any] = {
             "rank": delta.rank,
+            "rho": rho[module],
             "norm": math.sqrt(norm_sq),
             "rel_error": 0.0 if norm_sq == 0 else math.sqrt(err_sq / norm_sq),
         }
         if module in task.alphas:
             stats["alpha"] = task.alphas[module]
         slot_stats[module] = stats
-    data = tensors_to_bytes(task_tensors(cores, task.extras), metadata={"format": FORMAT})
+    keep_as = extras_dtype(dtype)
+    extras = {
+        key: value.to(keep_as) if keep_as is not None and value.is_floating_point() else value
+        for key, value in task.extras.items()
+    }
+    data = tensors_to_bytes(task_tensors(packed, extras), metadata={"format": FORMAT})
     entry = {
         "kind": task.kind,
         "source": task.source,
@@ -88,6 +93,7 @@ def _encode_task(
         "slots": slot_stats,
         "rel_error": 0.0 if total_norm == 0 else math.sqrt(total_err / total_norm),
         "extras": sorted(task.extras),
+        "extra_dtypes": {key: str(value.dtype).removeprefix("torch.") for key, value in task.extras.items()},
         "added_after_fit": added,
         **task.notes,
     }
@@ -166,9 +172,8 @@ class SubspaceStore:
             raise SubspaceError("the zoo is empty: nothing to compress")
         check_unique_names(tasks)
         shapes = slot_shapes(tasks, base)
-        store_dtype = _dtype(settings.dtype)
         slot_meta: dict[str, Any] = {}
-        stored_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        fitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module in tqdm(sorted(shapes), desc="fit bases", disable=None if progress else True):
             members = [t for t in tasks if module in t.slots]
             deltas = [t.slots[module] for t in members]
@@ -179,7 +184,7 @@ class SubspaceStore:
                 normalize=settings.normalize,
                 refine=settings.refine,
             )
-            stored_bases[module] = (basis.U.to(store_dtype), basis.V.to(store_dtype))
+            fitted[module] = (basis.U, basis.V)
             total_out = float(basis.spectrum_out.sum()) or 1.0
             slot_meta[module] = {
                 "shape": list(shapes[module]),
@@ -191,19 +196,13 @@ class SubspaceStore:
                 "captured_energy": captured_energy(deltas, basis, settings.normalize),
                 "spectrum_out": [float(x) / total_out for x in basis.spectrum_out[:SPECTRUM_KEEP]],
             }
-        basis_data = tensors_to_bytes(
-            {
-                key: t
-                for m, (U, V) in stored_bases.items()
-                for key, t in zip(basis_keys(m), (U, V), strict=True)
-            },
-            metadata={"format": FORMAT},
-        )
+        basis_file, stored_bases = basis_tensors(fitted, settings.dtype)
+        basis_data = tensors_to_bytes(basis_file, metadata={"format": FORMAT})
         task_files: dict[str, bytes] = {}
         entries: dict[str, Any] = {}
         for task in tqdm(tasks, desc="project tasks", disable=None if progress else True):
             task_files[task.name], entries[task.name] = _encode_task(
-                task, stored_bases, store_dtype, added=False
+                task, stored_bases, settings.dtype, added=False
             )
         manifest = {
             "format": FORMAT,
@@ -219,7 +218,7 @@ class SubspaceStore:
             (tmp / "tasks").mkdir()
             for name, data in task_files.items():
                 (tmp / task_file(name)).write_bytes(data)
-            (tmp / MANIFEST).write_bytes(json_bytes(manifest))
+            (tmp / MANIFEST).write_bytes(manifest_bytes(manifest))
         return cls(out)
 
     # ---- reading --------------------------------------------------------------------------------------
@@ -240,8 +239,16 @@ class SubspaceStore:
         return self.files.basis(module)
 
     def cores(self, name: str) -> dict[str, torch.Tensor]:
-        """The per-slot cores C (k_out x k_in) of a task as stored."""
+        """The per-slot cores C (k_out x k_in, float32) of a task, from the numbers as stored."""
         return self.files.task(name)[0]
+
+    def stored_numbers(self) -> int:
+        """How many numbers the bases and the cores hold on disk (heads and scales excluded): the payload
+        that baselines are given at equal bytes."""
+        total = sum(U.numel() + V.numel() for U, V in (self.basis(m) for m in self.slots))
+        for entry in self.manifest["tasks"].values():
+            total += sum(layout.numbers() for layout in slot_layouts(entry, self.manifest["slots"]))
+        return total
 
     def extras(self, name: str) -> dict[str, torch.Tensor]:
         """The task's verbatim tensors (heads from modules_to_save, lora biases), under their PEFT keys."""
@@ -286,8 +293,7 @@ class SubspaceStore:
         )
         check_unique_names([source], taken=set(self.manifest["tasks"]))
         bases = self._bases_for(source)
-        store_dtype = _dtype(self.manifest["settings"]["dtype"])
-        data, entry = _encode_task(source, bases, store_dtype, added=True)
+        data, entry = _encode_task(source, bases, self.manifest["settings"]["dtype"], added=True)
         manifest = copy.deepcopy(self.manifest)
         manifest["tasks"][source.name] = entry
         manifest["files"][task_file(source.name)] = sha256_bytes(data)
@@ -298,10 +304,15 @@ class SubspaceStore:
     def task_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per-slot PEFT factors (B, A) of a task, scale folded in, float64; rank = min(source rank, k)."""
         entry = self._entry(name)
-        cores = self.cores(name)
+        stored, _ = self.files.task_stored(name)
         factors = {}
-        for module, core in sorted(cores.items()):
-            U, V = self.basis(module)
+        for module, matrices in sorted(stored.items()):
+            U, V = (t.to(COMPUTE_DTYPE) for t in self.basis(module))
+            if len(matrices) == 2:
+                P, Q = (t.to(COMPUTE_DTYPE) for t in matrices)
+                factors[module] = (U @ P, Q @ V.T)
+                continue
+            core = matrices[0]
             rank = min(int(entry["slots"][module]["rank"]), core.shape[0], core.shape[1])
             factors[module] = core_to_factors(U, core, V, rank)
         return factors
@@ -309,7 +320,7 @@ class SubspaceStore:
     def reconstruct(self, name: str, out: str | Path, overwrite: bool = False) -> Path:
         """Write task `name` as a standard PEFT LoRA folder that PeftModel.from_pretrained loads."""
         entry = self._entry(name)
-        dtype = _dtype(entry["dtype"])
+        dtype = getattr(torch, entry["dtype"])
         factors = {m: (B.to(dtype), A.to(dtype)) for m, (B, A) in self.task_factors(name).items()}
         return write_lora_adapter(out, factors, self.extras(name), entry["peft_config"], overwrite=overwrite)
 

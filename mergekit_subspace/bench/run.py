@@ -28,7 +28,7 @@ from mergekit_subspace.sources import TaskSource
 from mergekit_subspace.subspace import SubspaceStore, load_recipe_tasks
 
 METHODS = ("original", "reconstructed", "mean_adapter", "per_task_svd", "leave_one_out", "base_only", "vlora")
-ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def peak_rss_mib() -> float:
@@ -60,12 +60,6 @@ class _Scorer:
             return self.folder(path, task)
         finally:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _payload_elements(store: SubspaceStore) -> int:
-    """Numbers in the basis and the cores: what every compressed method is compared on (heads excluded)."""
-    total = sum(U.numel() + V.numel() for U, V in (store.basis(m) for m in store.slots))
-    return total + sum(c.numel() for name in store.tasks for c in store.cores(name).values())
 
 
 def _cast_source_bytes(tasks: list[TaskSource], dtype: str) -> int:
@@ -142,7 +136,7 @@ def run_bench(
         )
         fit_seconds = time.perf_counter() - started
         info = store.info()
-        payload = _payload_elements(store)
+        payload = store.stored_numbers()
         item = ITEM_BYTES[settings.dtype]
         results["bytes"]["per_k"][str(k)] = {
             "store": info["bytes"]["store"],
