@@ -43,7 +43,8 @@ from mergekit_subspace.bench import baselines  # noqa: E402
 from mergekit_subspace.bench.evaluate import load_task_data, scorer  # noqa: E402
 from mergekit_subspace.bench.recipe import parse_bench_recipe  # noqa: E402
 from mergekit_subspace.eval.models import head_size  # noqa: E402
-from mergekit_subspace.io.codec import STORE_DTYPES  # noqa: E402
+from mergekit_subspace.io.checkpoint import Checkpoint  # noqa: E402
+from mergekit_subspace.io.codec import STORE_DTYPES, extra_bytes  # noqa: E402
 from mergekit_subspace.io.files import atomic_write_bytes, json_bytes  # noqa: E402
 from mergekit_subspace.io.peft import write_lora_adapter  # noqa: E402
 from mergekit_subspace.io.store import MANIFEST  # noqa: E402
@@ -102,6 +103,7 @@ class Judge:
         assert recipe.base_model is not None
         self.spec = recipe.eval
         self.score = scorer(recipe.eval, recipe.base_model)
+        self.base = Checkpoint(recipe.base_model)
         self.work = work
         self.data: dict[str, Any] = {}
         self.labels: dict[str, int | None] = {}
@@ -138,15 +140,12 @@ def measure_n(
     zoo = tasks[:n]
     settings = parse_bench_recipe(out / "recipes" / f"n{n}.yaml").subspace
     started = time.perf_counter()
-    # base=None: transformers 5 renames ViT modules on load (query -> q_proj) while the base checkpoint keeps
-    # the old keys, so the store's shape check against the base cannot resolve the adapters' module names.
-    # Shapes are still checked across tasks; accuracy is measured on the real base through PEFT.
-    store = SubspaceStore.from_tasks(zoo, settings, out / "stores" / f"n{n}", base=None, overwrite=True)
+    store = SubspaceStore.from_tasks(zoo, settings, out / "stores" / f"n{n}", base=judge.base, overwrite=True)
     fit_seconds = time.perf_counter() - started
     info = store.info()
     item = ITEM_BYTES[settings.dtype]
     payload = store.stored_numbers()
-    heads = sum(x.numel() for t in zoo for x in t.extras.values()) * item
+    heads = sum(extra_bytes(x, settings.dtype) for t in zoo for x in t.extras.values())
     cast_sources = sum(d.A.numel() + d.B.numel() for t in zoo for d in t.slots.values()) * item + heads
     mean_factors = baselines.mean_adapter(zoo)
     picked = sample_indices(n, args.sample, args.seed)
@@ -298,7 +297,7 @@ def markdown(results: dict[str, Any], not_run: list[int], pending: Sequence[int]
         )
     lines += [
         "",
-        'Store = basis + cores (float16 numbers) + heads + manifest + safetensors headers. "sources cast" is the '
+        f'Store = basis + cores ({results["dtype"]} numbers) + heads + manifest + safetensors headers. "sources cast" is the '
         "sources' numbers re-saved in the store dtype: the ratio against it separates the gain of the shared basis "
         "from the gain of casting float32 to float16.",
         "",
@@ -332,11 +331,11 @@ def markdown(results: dict[str, Any], not_run: list[int], pending: Sequence[int]
         "## Reading it",
         "",
         "- The per-task SVD baseline gets the store's per-task share of basis + core numbers (heads excluded for "
-        "every method; each method keeps its task's head verbatim), so it is compared at equal bytes.",
+        "every method; each method keeps its task's own head), so it is compared at equal bytes.",
         "- The mean adapter is the exact average of the N deltas; its row shows how much of the accuracy a "
         "single shared delta plus the task's own head already gives.",
-        "- Base-only keeps the task's trained head on the bare base (the head is stored verbatim by every "
-        "method), so it measures what the heads alone give; read the reconstructed row against it.",
+        "- Base-only keeps the task's trained head on the bare base (every method keeps the head; the store "
+        "holds it in its dtype), so it measures what the heads alone give; read the reconstructed row against it.",
     ]
     first, last = runs[0], runs[-1]
     rec = [r["summary"]["reconstructed"]["mean_normalized"] for r in runs]
@@ -367,9 +366,6 @@ def markdown(results: dict[str, Any], not_run: list[int], pending: Sequence[int]
         "leave-one-out and the vLoRA peer are not part of this scale run (see benchmarks/results/ for the "
         "bench runs that include them)",
         "bytes exclude the base model, which every method needs once",
-        "the stores were written without the base model's identity (base=None): the base checkpoint keeps the "
-        "pre-transformers-5 ViT keys (attention.attention.query) while the adapters name the renamed modules "
-        "(attention.q_proj), so the store's check of module names against the base fails on this zoo",
     ]
     for n in pending:
         notes.append(f"N={n} is not measured yet: this file was written before the run reached it")

@@ -22,6 +22,7 @@ from mergekit_subspace.bench.evaluate import load_task_data, scorer
 from mergekit_subspace.bench.recipe import BenchRecipe, parse_bench_recipe
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.eval.models import head_size
+from mergekit_subspace.io.codec import extra_bytes
 from mergekit_subspace.io.files import atomic_write_bytes, json_bytes
 from mergekit_subspace.io.peft import write_lora_adapter
 from mergekit_subspace.sources import TaskSource
@@ -64,10 +65,8 @@ class _Scorer:
 
 def _cast_source_bytes(tasks: list[TaskSource], dtype: str) -> int:
     """Sources re-saved in the store's dtype: separates the gain of the basis from the gain of casting."""
-    item = ITEM_BYTES[dtype]
     numbers = sum(d.A.numel() + d.B.numel() for t in tasks for d in t.slots.values())
-    numbers += sum(x.numel() for t in tasks for x in t.extras.values())
-    return numbers * item
+    return numbers * ITEM_BYTES[dtype] + sum(extra_bytes(x, dtype) for t in tasks for x in t.extras.values())
 
 
 def run_bench(

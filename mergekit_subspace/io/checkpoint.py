@@ -1,7 +1,10 @@
 """Hugging Face model folders read lazily: shapes from safetensors headers, tensors one at a time.
 
 Adapters name modules as the wrapped model does ('bert.encoder...') while a base checkpoint may be saved from
-the bare backbone ('encoder...'), so module paths are resolved by dotted suffix.
+the bare backbone ('encoder...'), so module paths are resolved by dotted suffix. Transformers 5 also renames
+modules of some architectures when it loads an older checkpoint (ViT's 'attention.attention.query' is
+'attention.q_proj' in memory, and adapters trained on it use that name); such names are matched through the
+library's own renaming rules for the checkpoint's architecture.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Checkpoint:
         self.config_sha256 = sha256_file(config) if config.is_file() else None
         self.config = read_json(config) if config.is_file() else {}
         self._modules = {key[: -len(".weight")]: key for key in self.shapes if key.endswith(".weight")}
+        self._renamed: dict[str, str] | None = None
 
     def _discover(self, allow_pickle: bool) -> list[Path]:
         index = self.folder / SAFE_INDEX
@@ -64,16 +68,18 @@ class Checkpoint:
         raise SubspaceError("holds no *.safetensors weights", self.folder)
 
     def resolve_module(self, module: str) -> str | None:
-        """Checkpoint key of `module`'s weight, matching by the longest common dotted suffix."""
-        if module in self._modules:
-            return self._modules[module]
-        parts = module.split(".")
-        for start in range(1, len(parts)):
-            suffix = ".".join(parts[start:])
-            if suffix in self._modules:
-                return self._modules[suffix]
-        longer = [key for name, key in self._modules.items() if name.endswith("." + module)]
-        return longer[0] if len(longer) == 1 else None
+        """Checkpoint key of `module`'s weight, matching by the longest common dotted suffix, then by the
+        names transformers gives the checkpoint's modules when it loads them."""
+        found = _match_suffix(module, self._modules)
+        if found is None and self._modules:
+            found = _match_suffix(module, self._loaded_names())
+        return found
+
+    def _loaded_names(self) -> dict[str, str]:
+        """In-memory module name -> checkpoint weight key, where transformers renames on load (else empty)."""
+        if self._renamed is None:
+            self._renamed = loaded_module_names(self.folder, self.config, list(self._modules.values()))
+        return self._renamed
 
     def resolve_key(self, key: str) -> str | None:
         """Checkpoint key for a full parameter name from another naming of the same model."""
@@ -114,3 +120,49 @@ class Checkpoint:
 
     def bytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.weight_files)
+
+
+def _match_suffix(module: str, names: dict[str, str]) -> str | None:
+    """names[name] for the name that equals `module` or its longest dotted suffix, or the one name ending in it."""
+    if module in names:
+        return names[module]
+    parts = module.split(".")
+    for start in range(1, len(parts)):
+        suffix = ".".join(parts[start:])
+        if suffix in names:
+            return names[suffix]
+    longer = [key for name, key in names.items() if name.endswith("." + module)]
+    return longer[0] if len(longer) == 1 else None
+
+
+def loaded_module_names(folder: Path, config: dict, weight_keys: list[str]) -> dict[str, str]:
+    """Apply transformers' key renamings for this architecture to the checkpoint's weight keys.
+
+    Builds the architecture on the meta device (no weights, no remote code: only classes transformers ships)
+    to ask for its conversion mapping. Returns {} when transformers has no renaming for it or cannot say.
+    """
+    architectures = config.get("architectures") or []
+    if not architectures:
+        return {}
+    try:
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        model_class = getattr(transformers, architectures[0], None)
+        if model_class is None:
+            return {}
+        model_config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        with torch.device("meta"):
+            model = model_class(model_config)
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        if not renamings:
+            return {}
+        names = {}
+        for key in weight_keys:
+            renamed = rename_source_key(key, renamings, [])[0]
+            if renamed != key and renamed.endswith(".weight"):
+                names[renamed[: -len(".weight")]] = key
+        return names
+    except Exception:  # an optional aid: any failure leaves the plain suffix match in charge
+        return {}

@@ -31,6 +31,12 @@ def extras_dtype(name: str) -> torch.dtype | None:
     return torch.float16 if name == "int8" else number_dtype(name)
 
 
+def extra_bytes(tensor: torch.Tensor, dtype: str) -> int:
+    """Bytes one head or bias takes in a store of `dtype` (its numbers only, no header)."""
+    keep_as = extras_dtype(dtype) if tensor.is_floating_point() else None
+    return tensor.numel() * (keep_as.itemsize if keep_as is not None else tensor.element_size())
+
+
 def int8_scale(x: torch.Tensor) -> float:
     """One float32 scale per matrix: absmax / 127 (1.0 for an all-zero matrix)."""
     amax = float(x.abs().max()) if x.numel() else 0.0
