@@ -1,6 +1,6 @@
 """Text-zoo benchmark: MiniLM LoRAs on WordNet tasks, compressed at several k, every baseline scored via PEFT.
 
-    python -m benchmarks.text_bench [--n 48] [--k 4 8 16 32] [--max-examples 256] [--cache DIR] [--out DIR]
+    python -m benchmarks.text_bench [--n 48] [--k 4 8 16 32] [--k-in K] [--dtype int8] [--max-examples 256] [--cache DIR] [--out DIR]
 
 Builds (or reuses) the zoo, writes the bench recipe it ran beside the results, and runs `mergekit-subspace
 bench` on it. Results land in benchmarks/results/text/ (results.json, report.md, PNGs, recipe.yaml).
@@ -28,12 +28,18 @@ DEFAULT_OUT = ROOT / "results" / "text"
 
 
 def write_recipe(
-    path: Path, zoo: Path, names: list[str], ks: list[int], max_examples: int, dtype: str
+    path: Path,
+    zoo: Path,
+    names: list[str],
+    ks: list[int],
+    max_examples: int,
+    dtype: str,
+    k_in: int | None = None,
 ) -> Path:
     recipe = {
         "base_model": minilm_path(),
         "adapters": [str(zoo / "adapters" / name) for name in names],
-        "subspace": {"k": max(ks), "normalize": True, "dtype": dtype},
+        "subspace": {"k": max(ks), "normalize": True, "dtype": dtype} | ({"k_in": k_in} if k_in else {}),
         "eval": {
             "type": "sequence_classification",
             "data": str(zoo / "eval" / "{task}.jsonl"),
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--k-in", type=int, default=None, help="right (input-side) basis size; default: k")
     parser.add_argument("--max-examples", type=int, default=256)
     parser.add_argument("--dtype", default="float16", choices=list(STORE_DTYPES))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -58,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     entries = build_text_zoo(args.cache, n_adapters=args.n)
     names = [entry["name"] for entry in entries]
-    recipe = write_recipe(args.out / "recipe.yaml", args.cache, names, args.k, args.max_examples, args.dtype)
+    recipe = write_recipe(
+        args.out / "recipe.yaml", args.cache, names, args.k, args.max_examples, args.dtype, args.k_in
+    )
     results = run_bench(recipe, args.out, overwrite=True)
     shutil.rmtree(args.out / "stores", ignore_errors=True)  # stores are reproducible from the recipe
     (args.out / "command.txt").write_text(

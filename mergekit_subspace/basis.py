@@ -105,10 +105,13 @@ def fit_slot_basis(
     energy: float | None = None,
     normalize: bool = True,
     refine: int = 0,
+    k_in: int | None = None,
 ) -> SlotBasis:
-    """Fit U, V for one slot from the tasks that touch it."""
+    """Fit U, V for one slot from the tasks that touch it; `k_in` (default: k) sizes the right basis alone."""
     if (k is None) == (energy is None):
         raise ValueError("give exactly one of k and energy")
+    if k_in is not None and k is None:
+        raise ValueError("k_in goes with a fixed k, not with an energy target")
     if not deltas:
         raise ValueError("a slot basis needs at least one delta")
     weights = task_weights(deltas, normalize)
@@ -119,8 +122,10 @@ def fit_slot_basis(
     V_all, spec_in = _top_left_singular(Z)
     total_rank = sum(d.rank for d in deltas)
     cap_out, cap_in = min(m, total_rank), min(n, total_rank)
+    want_in = k if k_in is None else k_in
     if k is not None:
-        k_out, k_in = min(k, cap_out), min(k, cap_in)
+        assert want_in is not None
+        k_out, k_in = min(k, cap_out), min(want_in, cap_in)
     else:
         assert energy is not None
         k_out, k_in = _smallest_k_for_energy(deltas, weights, U_all, V_all, energy, cap_out, cap_in)
@@ -132,7 +137,7 @@ def fit_slot_basis(
         V = _top_left_singular(
             torch.cat([w * d.transpose_times_left(U) for w, d in zip(weights, deltas, strict=True)], dim=1)
         )[0][:, :k_in]
-    capped = k is not None and (k > cap_out or k > cap_in)
+    capped = k is not None and want_in is not None and (k > cap_out or want_in > cap_in)
     return SlotBasis(
         U=fix_signs(U).to(COMPUTE_DTYPE),
         V=fix_signs(V).to(COMPUTE_DTYPE),

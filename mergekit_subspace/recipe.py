@@ -44,6 +44,7 @@ class SubspaceSettings(Strict):
     """How the per-slot basis is cut: a fixed k or an energy fraction, plus fitting options."""
 
     k: int | None = Field(None, ge=1)
+    k_in: int | None = Field(None, ge=1)  # right (input-side) basis size when it should differ from k
     energy: float | None = Field(None, gt=0.0, le=1.0)
     normalize: bool = True
     refine: int = Field(0, ge=0, le=50)
@@ -55,6 +56,8 @@ class SubspaceSettings(Strict):
             self.k = 16
         if self.k is not None and self.energy is not None:
             raise ValueError("give either subspace.k or subspace.energy, not both")
+        if self.k_in is not None and self.energy is not None:
+            raise ValueError("subspace.k_in goes with subspace.k, not with subspace.energy")
         return self
 
 

@@ -183,6 +183,7 @@ class SubspaceStore:
                 energy=settings.energy,
                 normalize=settings.normalize,
                 refine=settings.refine,
+                k_in=settings.k_in,
             )
             fitted[module] = (basis.U, basis.V)
             total_out = float(basis.spectrum_out.sum()) or 1.0

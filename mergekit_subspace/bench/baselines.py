@@ -47,7 +47,7 @@ def per_task_svd(task: TaskSource, element_budget: float) -> tuple[Factors, int]
 
 
 def leave_one_out(
-    tasks: list[TaskSource], index: int, k: int, normalize: bool = True
+    tasks: list[TaskSource], index: int, k: int, normalize: bool = True, k_in: int | None = None
 ) -> tuple[Factors, float]:
     """Fit each slot's basis without task `index`, project it, return its factors and relative error."""
     held_out = tasks[index]
@@ -60,7 +60,7 @@ def leave_one_out(
         if not peers:  # nothing else touches this slot: a fresh basis would know nothing of it
             err += delta.norm_sq()
             continue
-        basis = fit_slot_basis(peers, k=k, normalize=normalize)
+        basis = fit_slot_basis(peers, k=k, normalize=normalize, k_in=k_in)
         core = delta.project(basis.U, basis.V)
         err += stored_error_sq(delta, basis.U, core, basis.V)
         factors[module] = core_to_factors(basis.U, core, basis.V, min(delta.rank, *core.shape))

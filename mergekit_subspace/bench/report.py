@@ -16,6 +16,16 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _settings_line(settings: dict[str, Any]) -> str:
+    k_in = settings.get("k_in")
+    sides = f"k_in = {k_in} for the right (input-side) basis at every k" if k_in else "k_in = k"
+    return (
+        f"Store: {settings.get('dtype', '?')} numbers, {sides}, "
+        f"{'unit-norm' if settings.get('normalize', True) else 'raw-norm'} fitting, "
+        f"{settings.get('refine', 0)} HOOI sweeps. Cores of low-rank tasks are kept as factors when smaller."
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     b = results["bytes"]
     lines = [
@@ -27,6 +37,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Sources on disk: {human_bytes(b['sources'])}; cast to the store dtype ({b['store_dtype']}): "
         f"{human_bytes(b['sources_cast_to_store_dtype'])}.",
+        "",
+        _settings_line(results.get("subspace") or {}),
         "",
         "## Summary (mean normalized accuracy = method / original, averaged over tasks)",
         "",

@@ -109,6 +109,7 @@ def run_bench(
         "eval": recipe.eval.model_dump(),
         "tasks": [t.name for t in tasks],
         "budgets": budgets,
+        "subspace": recipe.subspace.model_dump(exclude={"k"}),
         "bytes": {
             "sources": sum(t.source_bytes for t in tasks),
             "sources_cast_to_store_dtype": _cast_source_bytes(tasks, recipe.subspace.dtype),
@@ -163,7 +164,7 @@ def run_bench(
             row["per_task_svd_rank"] = svd_rank
             if recipe.leave_one_out and len(tasks) > 1:
                 loo_factors, loo_error = baselines.leave_one_out(
-                    tasks, tasks.index(task), k, settings.normalize
+                    tasks, tasks.index(task), k, settings.normalize, k_in=settings.k_in
                 )
                 row["leave_one_out"] = (
                     judge.factors(loo_factors, task, "loo") if loo_factors else row["base_only"]

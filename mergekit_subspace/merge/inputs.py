@@ -137,6 +137,7 @@ def from_adapters(
             energy=settings.energy,
             normalize=settings.normalize,
             refine=settings.refine,
+            k_in=settings.k_in,
         )
         bases[module] = (fitted.U, fitted.V)
         for task in members:
