@@ -40,13 +40,11 @@ import yaml  # noqa: E402
 from benchmarks.zoos._common import limit_threads  # noqa: E402
 from benchmarks.zoos.vit import build_vit_zoo  # noqa: E402
 from mergekit_subspace.bench import baselines  # noqa: E402
-from mergekit_subspace.bench.evaluate import load_task_data, scorer  # noqa: E402
 from mergekit_subspace.bench.recipe import parse_bench_recipe  # noqa: E402
-from mergekit_subspace.eval.models import head_size  # noqa: E402
+from mergekit_subspace.bench.run import AdapterScorer  # noqa: E402
 from mergekit_subspace.io.checkpoint import Checkpoint  # noqa: E402
 from mergekit_subspace.io.codec import STORE_DTYPES, extra_bytes  # noqa: E402
 from mergekit_subspace.io.files import atomic_write_bytes, json_bytes  # noqa: E402
-from mergekit_subspace.io.peft import write_lora_adapter  # noqa: E402
 from mergekit_subspace.io.store import MANIFEST  # noqa: E402
 from mergekit_subspace.report import human_bytes  # noqa: E402
 from mergekit_subspace.sources import TaskSource  # noqa: E402
@@ -78,12 +76,6 @@ def write_recipe(path: Path, zoo: Path, names: list[str], k: int, dtype: str, ma
     return path
 
 
-def _write(path: Path, factors: baselines.Factors, task: TaskSource) -> Path:
-    dtype = getattr(torch, task.dtype)
-    cast = {m: (B.to(dtype), A.to(dtype)) for m, (B, A) in factors.items()}
-    return write_lora_adapter(path, cast, task.extras, task.peft_config, overwrite=True)
-
-
 def _numbers(factors: baselines.Factors) -> int:
     return sum(B.numel() + A.numel() for B, A in factors.values())
 
@@ -95,35 +87,15 @@ def sample_indices(n: int, sample: int, seed: int) -> list[int]:
     return sorted(random.Random(f"scale-sample:{seed}:{n}").sample(range(n), sample))
 
 
-class Judge:
+class Judge(AdapterScorer):
     """Scores PEFT folders; caches the scores that do not depend on N (original, base-only)."""
 
     def __init__(self, recipe_path: Path, work: Path) -> None:
         recipe = parse_bench_recipe(recipe_path)
         assert recipe.base_model is not None
-        self.spec = recipe.eval
-        self.score = scorer(recipe.eval, recipe.base_model)
+        super().__init__(recipe, work)
         self.base = Checkpoint(recipe.base_model)
-        self.work = work
-        self.data: dict[str, Any] = {}
-        self.labels: dict[str, int | None] = {}
         self.fixed: dict[str, dict[str, float]] = {}
-
-    def _prepare(self, task: TaskSource) -> None:
-        if task.name not in self.data:
-            self.labels[task.name] = head_size(task.source)
-            self.data[task.name] = load_task_data(self.spec, task.name, task.source)
-
-    def folder(self, path: Path, task: TaskSource) -> float:
-        self._prepare(task)
-        return self.score(path, self.data[task.name], self.labels[task.name])
-
-    def factors(self, factors: baselines.Factors, task: TaskSource, tag: str) -> float:
-        path = _write(self.work / f"{tag}-{task.name}", factors, task)
-        try:
-            return self.folder(path, task)
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
 
     def fixed_scores(self, task: TaskSource) -> dict[str, float]:
         if task.name not in self.fixed:

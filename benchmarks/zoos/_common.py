@@ -12,9 +12,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mergekit_subspace.io.files import atomic_write_bytes
 
@@ -151,3 +151,76 @@ def linear_warmup_decay(steps: int, warmup_frac: float = 0.1) -> Any:
         return min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
 
     return factor
+
+
+# Names in an adapter's ``zoo_entry.json`` that ``zoo.json`` spells shorter.
+ENTRY_RENAMES = {"lora_alpha": "alpha", "use_rslora": "rslora", "target_modules": "targets"}
+
+
+class ZooItem(NamedTuple):
+    """One planned adapter: its cache key, its (already written) eval file, and how to train it.
+
+    ``train(tmp, status)`` trains into the empty folder ``tmp`` and returns the adapter's entry
+    (the content of its ``zoo_entry.json``); ``status`` shows a short note on the progress bar.
+    """
+
+    key: str
+    eval_path: Path
+    train: Callable[[Path, Callable[[str], None]], dict[str, Any]]
+
+
+def build_zoo(
+    root: Path,
+    tasks: Sequence[Any],
+    plan: Callable[[int, Any], ZooItem],
+    *,
+    desc: str,
+    task_fields: Callable[[Any], dict[str, Any]],
+    entry_fields: Sequence[str],
+    postfix: Callable[[Any, dict[str, Any]], str],
+    summary: dict[str, Any],
+    progress: bool = True,
+    publish: Callable[[Path], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The build loop every zoo shares; returns the ``zoo.json`` entries.
+
+    For each task (which has a ``name``): ``plan(index, task)`` gives its cache key and eval file;
+    an adapter in ``root/adapters/<name>/`` whose ``zoo_entry.json`` carries the same key is reused,
+    otherwise it is trained in a temp folder and renamed into place, so an interrupted build never
+    leaves a half-written adapter.  Each ``zoo.json`` entry is ``name``, ``path``, ``eval``, then
+    ``task_fields(task)``, then ``entry_fields`` taken from the adapter's entry (renamed by
+    ``ENTRY_RENAMES``), then ``cache_key``.  ``zoo.json`` is ``summary`` plus ``entries``.
+    ``publish`` (if given) is called on each finished adapter folder and on ``zoo.json``.
+    """
+    from tqdm.auto import tqdm
+
+    adapters_dir = root / "adapters"
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    entries: list[dict[str, Any]] = []
+    bar = tqdm(tasks, desc=desc, unit="adapter", disable=None if progress else True)
+    for index, task in enumerate(bar):
+        item = plan(index, task)
+        folder = adapters_dir / task.name
+        entry = cached_entry(folder, item.key)
+        if entry is None:
+            with staging_dir(adapters_dir, task.name) as tmp:
+                entry = item.train(tmp, bar.set_postfix_str)
+                if publish is not None:
+                    publish(tmp)
+                replace_dir(tmp, folder)
+        bar.set_postfix_str(postfix(task, entry))
+        entries.append(
+            {
+                "name": task.name,
+                "path": str(folder.relative_to(root)),
+                "eval": str(item.eval_path.relative_to(root)),
+                **task_fields(task),
+                **{ENTRY_RENAMES.get(name, name): entry[name] for name in entry_fields},
+                "cache_key": item.key,
+            }
+        )
+    bar.close()
+    atomic_write_text(root / "zoo.json", json.dumps({**summary, "entries": entries}, indent=2) + "\n")
+    if publish is not None:
+        publish(root / "zoo.json")
+    return entries

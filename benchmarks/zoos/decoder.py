@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.zoos._common import (
+    ZooItem,
     atomic_write_text,
-    cached_entry,
+    build_zoo,
     file_sha256,
     hash_json,
     limit_threads,
@@ -574,8 +575,6 @@ def build_decoder_zoo(
     adapter's exact-match accuracy (its saved folder reloaded through PEFT) and ``base_accuracy``
     (the base alone on the same prompts).  Cached per adapter by a key of data, settings and base.
     """
-    from tqdm.auto import tqdm
-
     limit_threads()
     root = Path(out_dir)
     if base_dir is None:
@@ -587,12 +586,9 @@ def build_decoder_zoo(
         if info.is_file()
         else file_sha256(Path(base_dir) / "model.safetensors")
     )
-    adapters_dir = root / "adapters"
-    adapters_dir.mkdir(parents=True, exist_ok=True)
     tasks = make_tasks(n_adapters, n_train=n_train, n_test=n_test, seed=seed, wordnet_dir=wordnet_dir)
-    entries: list[dict[str, Any]] = []
-    bar = tqdm(tasks, desc="decoder zoo", unit="adapter", disable=None if progress else True)
-    for index, task in enumerate(bar):
+
+    def plan(index: int, task: DecoderTask) -> ZooItem:
         settings = {
             "r": r,
             "lora_alpha": lora_alpha,
@@ -602,60 +598,52 @@ def build_decoder_zoo(
             "lr": lr,
         }
         key = cache_key(task, settings, base_key)
-        folder = adapters_dir / task.name
-        eval_path = write_eval_jsonl(task, root / "eval" / f"{task.name}.jsonl")
-        entry = cached_entry(folder, key)
-        if entry is None:
-            bar.set_postfix_str(f"{task.name}: base-only eval")
+
+        def train(tmp: Path, status: Callable[[str], None]) -> dict[str, Any]:
+            status(f"{task.name}: base-only eval")
             start = time.perf_counter()
             base_acc = base_accuracy(base_dir, task)
             base_seconds = round(time.perf_counter() - start, 2)
-            bar.set_postfix_str(f"{task.name}: training")
-            with staging_dir(adapters_dir, task.name) as tmp:
-                entry = train_lora(
-                    task,
-                    tmp,
-                    base_dir,
-                    **settings,
-                    progress=progress,
-                    extra_entry={
-                        "cache_key": key,
-                        "index": index,
-                        "base_accuracy": base_acc,
-                        "base_eval_seconds": base_seconds,
-                    },
-                )
-                replace_dir(tmp, folder)
-        bar.set_postfix_str(f"{task.name} acc={entry['accuracy']:.2f} base={entry['base_accuracy']:.2f}")
-        entries.append(
-            {
-                "name": task.name,
-                "path": str(folder.relative_to(root)),
-                "eval": str(eval_path.relative_to(root)),
-                "instruction": task.instruction,
-                "r": entry["r"],
-                "alpha": entry["lora_alpha"],
-                "targets": entry["target_modules"],
-                "accuracy": entry["accuracy"],
-                "base_accuracy": entry["base_accuracy"],
-                "seconds": entry["seconds"],
-                "steps": entry["steps"],
-                "n_train": entry["n_train"],
-                "n_test": entry["n_test"],
-                "seed": entry["seed"],
+            status(f"{task.name}: training")
+            extra = {
                 "cache_key": key,
+                "index": index,
+                "base_accuracy": base_acc,
+                "base_eval_seconds": base_seconds,
             }
-        )
-    bar.close()
-    summary = {
-        "base_model_name_or_path": base_dir,
-        "prompt_template": PROMPT_TEMPLATE,
-        "code_version": CODE_VERSION,
-        "seed": seed,
-        "entries": entries,
-    }
-    atomic_write_text(root / "zoo.json", json.dumps(summary, indent=2) + "\n")
-    return entries
+            return train_lora(task, tmp, base_dir, **settings, progress=progress, extra_entry=extra)
+
+        return ZooItem(key, write_eval_jsonl(task, root / "eval" / f"{task.name}.jsonl"), train)
+
+    return build_zoo(
+        root,
+        tasks,
+        plan,
+        desc="decoder zoo",
+        task_fields=lambda task: {"instruction": task.instruction},
+        entry_fields=(
+            "r",
+            "lora_alpha",
+            "target_modules",
+            "accuracy",
+            "base_accuracy",
+            "seconds",
+            "steps",
+            "n_train",
+            "n_test",
+            "seed",
+        ),
+        postfix=lambda task, entry: (
+            f"{task.name} acc={entry['accuracy']:.2f} base={entry['base_accuracy']:.2f}"
+        ),
+        summary={
+            "base_model_name_or_path": base_dir,
+            "prompt_template": PROMPT_TEMPLATE,
+            "code_version": CODE_VERSION,
+            "seed": seed,
+        },
+        progress=progress,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,21 +23,20 @@ import random
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.zoos._common import (  # also sets HF_HUB_OFFLINE / TOKENIZERS_PARALLELISM
+    ZooItem,
     atomic_write_text,
-    cached_entry,
+    build_zoo,
     file_sha256,
     hash_json,
     limit_threads,
     linear_warmup_decay,
     quiet_hf,
-    replace_dir,
-    staging_dir,
     versions,
 )
 
@@ -498,64 +497,39 @@ def build_text_zoo(
     Writes ``out_dir/zoo.json`` and returns its entries.  ``n_train``/``n_test``
     are per class (smaller only for quick tests).
     """
-    from tqdm.auto import tqdm
-
     steps = DEFAULT_STEPS if steps is None else steps
     model_path = model_path or minilm_path()
     root = Path(out_dir)
-    adapters_dir = root / "adapters"
-    adapters_dir.mkdir(parents=True, exist_ok=True)
     tasks = make_tasks(n_adapters, n_train=n_train, n_test=n_test, seed=seed, wordnet_dir=wordnet_dir)
     model_id = file_sha256(Path(model_path) / "model.safetensors")
 
-    entries: list[dict[str, Any]] = []
-    bar = tqdm(tasks, desc="text zoo", unit="adapter", disable=None if progress else True)
-    for index, task in enumerate(bar):
+    def plan(index: int, task: TextTask) -> ZooItem:
         settings = zoo_settings(index, seed)
         key = cache_key(task, settings, steps, model_id)
-        folder = adapters_dir / task.name
-        eval_path = write_eval_jsonl(task, root / "eval" / f"{task.name}.jsonl")
-        entry = cached_entry(folder, key)
-        if entry is None:
-            with staging_dir(adapters_dir, task.name) as tmp:
-                entry = train_lora(
-                    task,
-                    tmp,
-                    steps=steps,
-                    model_path=model_path,
-                    extra_entry={"cache_key": key, "index": index},
-                    **settings,
-                )
-                _readable(tmp)
-                replace_dir(tmp, folder)
-        bar.set_postfix_str(f"{task.name[:28]} acc={entry['accuracy']:.3f}")
-        entries.append(
-            {
-                "name": task.name,
-                "path": str(folder.relative_to(root)),
-                "eval": str(eval_path.relative_to(root)),
-                "labels": task.labels,
-                "r": entry["r"],
-                "alpha": entry["lora_alpha"],
-                "rslora": entry["use_rslora"],
-                "targets": entry["target_modules"],
-                "accuracy": entry["accuracy"],
-                "seconds": entry["seconds"],
-                "seed": entry["seed"],
-                "cache_key": key,
-            }
-        )
-    bar.close()
-    summary = {
-        "base_model_name_or_path": model_path,
-        "code_version": CODE_VERSION,
-        "seed": seed,
-        "steps": steps,
-        "entries": entries,
-    }
-    atomic_write_text(root / "zoo.json", json.dumps(summary, indent=2) + "\n")
-    _readable(root / "zoo.json")
-    return entries
+
+        def train(tmp: Path, status: Callable[[str], None]) -> dict[str, Any]:
+            extra = {"cache_key": key, "index": index}
+            return train_lora(task, tmp, steps=steps, model_path=model_path, extra_entry=extra, **settings)
+
+        return ZooItem(key, write_eval_jsonl(task, root / "eval" / f"{task.name}.jsonl"), train)
+
+    return build_zoo(
+        root,
+        tasks,
+        plan,
+        desc="text zoo",
+        task_fields=lambda task: {"labels": task.labels},
+        entry_fields=("r", "lora_alpha", "use_rslora", "target_modules", "accuracy", "seconds", "seed"),
+        postfix=lambda task, entry: f"{task.name[:28]} acc={entry['accuracy']:.3f}",
+        summary={
+            "base_model_name_or_path": model_path,
+            "code_version": CODE_VERSION,
+            "seed": seed,
+            "steps": steps,
+        },
+        progress=progress,
+        publish=_readable,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,15 +29,15 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks.zoos._common import (
+    ZooItem,
     atomic_save_safetensors,
-    atomic_write_text,
-    cached_entry,
+    build_zoo,
     file_sha256,
     hash_json,
     limit_threads,
@@ -617,8 +617,6 @@ def build_vit_zoo(
     Each entry has the adapter's test accuracy (reloaded through PEFT) and, for Fashion-MNIST
     tasks, ``base_accuracy``: the base's own head restricted to the task's classes.
     """
-    from tqdm.auto import tqdm
-
     from mergekit_subspace.eval.image import image_classification_accuracy, load_image_classifier
 
     limit_threads()
@@ -629,77 +627,65 @@ def build_vit_zoo(
         )
     base_dir = str(Path(base_dir).resolve())
     base_sha = file_sha256(Path(base_dir) / "model.safetensors")
-    adapters_dir = root / "adapters"
-    adapters_dir.mkdir(parents=True, exist_ok=True)
     tasks = make_tasks(n_adapters, seed=seed, sources=sources)
     train = {"steps": steps, "batch_size": batch_size, "lr": lr}
-    base_model = None  # loaded once, only if some base-only score is missing
 
-    entries: list[dict[str, Any]] = []
-    bar = tqdm(tasks, desc="vit zoo", unit="adapter", disable=None if progress else True)
-    for index, task in enumerate(bar):
+    @functools.cache
+    def base_model() -> Any:  # loaded once, only if some base-only score is missing
+        with quiet_hf():
+            return load_image_classifier(base_dir, None)
+
+    def plan(index: int, task: VitTask) -> ZooItem:
         settings = zoo_settings(index, seed)
         data = task_data(task, n_train=n_train, n_test=n_test, seed=seed, fmnist_dir=fmnist_dir)
         key = cache_key(task, data, settings, train, base_sha)
-        folder = adapters_dir / task.name
         eval_path = write_eval_file(task, data, root / "eval" / f"{task.name}.safetensors")
-        entry = cached_entry(folder, key)
-        if entry is None:
+
+        def train_one(tmp: Path, status: Callable[[str], None]) -> dict[str, Any]:
             base_accuracy = None
             if task.base_label_ids is not None:
-                if base_model is None:
-                    with quiet_hf():
-                        base_model = load_image_classifier(base_dir, None)
-                base_accuracy = image_classification_accuracy(base_dir, None, eval_path, model=base_model)
-            with staging_dir(adapters_dir, task.name) as tmp:
-                entry = train_lora(
-                    task,
-                    data,
-                    tmp,
-                    base_dir,
-                    eval_path,
-                    **settings,
-                    **train,
-                    extra_entry={"cache_key": key, "index": index, "base_accuracy": base_accuracy},
-                )
-                replace_dir(tmp, folder)
-        bar.set_postfix_str(f"{task.name[:24]} acc={entry['accuracy']:.3f}")
-        entries.append(
-            {
-                "name": task.name,
-                "path": str(folder.relative_to(root)),
-                "eval": str(eval_path.relative_to(root)),
-                "source": task.source,
-                "classes": list(task.classes),
-                "transform": task.transform,
-                "labels": task.labels,
-                "r": entry["r"],
-                "alpha": entry["lora_alpha"],
-                "targets": entry["target_modules"],
-                "accuracy": entry["accuracy"],
-                "base_accuracy": entry["base_accuracy"],
-                "seconds": entry["seconds"],
-                "cpu_seconds": entry["cpu_seconds"],
-                "eval_seconds": entry["eval_seconds"],
-                "seed": entry["seed"],
-                "cache_key": key,
-            }
-        )
-    bar.close()
-    summary = {
-        "base_model_name_or_path": base_dir,
-        "base_sha256": base_sha,
-        "pretrain": _pretrain_summary(base_dir),
-        "code_version": CODE_VERSION,
-        "seed": seed,
-        "train": train,
-        "n_train_per_class": n_train,
-        "n_test_per_class": n_test,
-        "sources": list(sources),
-        "entries": entries,
-    }
-    atomic_write_text(root / "zoo.json", json.dumps(summary, indent=2) + "\n")
-    return entries
+                base_accuracy = image_classification_accuracy(base_dir, None, eval_path, model=base_model())
+            extra = {"cache_key": key, "index": index, "base_accuracy": base_accuracy}
+            return train_lora(task, data, tmp, base_dir, eval_path, **settings, **train, extra_entry=extra)
+
+        return ZooItem(key, eval_path, train_one)
+
+    return build_zoo(
+        root,
+        tasks,
+        plan,
+        desc="vit zoo",
+        task_fields=lambda task: {
+            "source": task.source,
+            "classes": list(task.classes),
+            "transform": task.transform,
+            "labels": task.labels,
+        },
+        entry_fields=(
+            "r",
+            "lora_alpha",
+            "target_modules",
+            "accuracy",
+            "base_accuracy",
+            "seconds",
+            "cpu_seconds",
+            "eval_seconds",
+            "seed",
+        ),
+        postfix=lambda task, entry: f"{task.name[:24]} acc={entry['accuracy']:.3f}",
+        summary={
+            "base_model_name_or_path": base_dir,
+            "base_sha256": base_sha,
+            "pretrain": _pretrain_summary(base_dir),
+            "code_version": CODE_VERSION,
+            "seed": seed,
+            "train": train,
+            "n_train_per_class": n_train,
+            "n_test_per_class": n_test,
+            "sources": list(sources),
+        },
+        progress=progress,
+    )
 
 
 def _pretrain_summary(base_dir: str) -> dict[str, Any] | None:

@@ -36,27 +36,41 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _write(path: Path, factors: baselines.Factors, task: TaskSource) -> Path:
+def write_factors(path: Path, factors: baselines.Factors, task: TaskSource) -> Path:
+    """A method's factors for `task` as a PEFT folder in the task's dtype, with the task's own heads."""
     dtype = getattr(torch, task.dtype)
     cast = {m: (B.to(dtype), A.to(dtype)) for m, (B, A) in factors.items()}
     return write_lora_adapter(path, cast, task.extras, task.peft_config, overwrite=True)
 
 
-class _Scorer:
-    """Writes a method's adapter for a task, scores it through PEFT, removes it (disk stays small)."""
+class AdapterScorer:
+    """Writes a method's adapter for a task, scores it through PEFT, removes it (disk stays small).
+
+    Evaluation data and head sizes are read on first use unless given (bench passes them, read up front).
+    """
 
     def __init__(
-        self, recipe: BenchRecipe, work: Path, data: dict[str, Any], labels: dict[str, int | None]
+        self,
+        recipe: BenchRecipe,
+        work: Path,
+        data: dict[str, Any] | None = None,
+        labels: dict[str, int | None] | None = None,
     ) -> None:
         assert recipe.base_model is not None
+        self.spec = recipe.eval
         self.score = scorer(recipe.eval, recipe.base_model)
-        self.work, self.data, self.labels = work, data, labels
+        self.work = work
+        self.data = data if data is not None else {}
+        self.labels = labels if labels is not None else {}
 
     def folder(self, path: Path, task: TaskSource) -> float:
+        if task.name not in self.data:
+            self.labels[task.name] = head_size(task.source) if task.kind == "lora" else None
+            self.data[task.name] = load_task_data(self.spec, task.name, task.source)
         return self.score(path, self.data[task.name], self.labels[task.name])
 
     def factors(self, factors: baselines.Factors, task: TaskSource, tag: str) -> float:
-        path = _write(self.work / f"{tag}-{task.name}", factors, task)
+        path = write_factors(self.work / f"{tag}-{task.name}", factors, task)
         try:
             return self.folder(path, task)
         finally:
@@ -92,7 +106,7 @@ def run_bench(
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    judge = _Scorer(recipe, work, data, labels)
+    judge = AdapterScorer(recipe, work, data, labels)
     show = None if progress else True
     per_task: dict[str, dict[str, Any]] = {t.name: {} for t in tasks}
     fixed: dict[str, dict[str, float | None]] = {}
