@@ -9,16 +9,19 @@ bench` on it. Results land in benchmarks/results/text/ (results.json, report.md,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
 
 from benchmarks.zoos.text import build_text_zoo, minilm_path  # noqa: E402
+from mergekit_subspace.bench.report import markdown  # noqa: E402
 from mergekit_subspace.bench.run import run_bench  # noqa: E402
 from mergekit_subspace.io.codec import STORE_DTYPES  # noqa: E402
 
@@ -52,6 +55,36 @@ def write_recipe(
     return path
 
 
+TARGET_RATIO, TARGET_ACCURACY = 20.0, 0.98
+
+
+def target_section(results: dict[str, Any]) -> str:
+    """The text zoo's target (>= 20x smaller at >= 0.98 mean normalized accuracy), met or missed by how much."""
+    lines = [
+        "",
+        f"## Against the target: >= {TARGET_RATIO:.0f}x smaller than the sources at >= {TARGET_ACCURACY} "
+        "mean normalized accuracy",
+        "",
+        "| k | ratio | reconstructed | per_task_svd (equal bytes) | vlora (its bytes) | met? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, summary in results["summary"].items():
+        ratio = results["bytes"]["per_k"][k]["ratio"]
+        ours = summary["reconstructed"]["mean_normalized"]
+        svd = summary["per_task_svd"]["mean_normalized"]
+        vlora = summary.get("vlora", {}).get("mean_normalized")
+        vlora_bytes = results.get("peers", {}).get("vlora", {}).get(k, {}).get("bytes")
+        peer = "n/a" if vlora is None else f"{vlora:.3f} ({vlora_bytes / 1e6:.1f} MB)"
+        short = []
+        if ratio < TARGET_RATIO:
+            short.append(f"ratio short by {TARGET_RATIO - ratio:.1f}x")
+        if ours < TARGET_ACCURACY:
+            short.append(f"accuracy short by {TARGET_ACCURACY - ours:.3f}")
+        met = "yes" if not short else "no: " + ", ".join(short)
+        lines.append(f"| {k} | {ratio:.1f}x | {ours:.3f} | {svd:.3f} | {peer} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=48)
@@ -61,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=list(STORE_DTYPES))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite report.md from OUT/results.json (no measuring)"
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        results = json.loads((args.out / "results.json").read_text())
+        (args.out / "report.md").write_text(markdown(results) + target_section(results))
+        print((args.out / "report.md").read_text())
+        return 0
 
     entries = build_text_zoo(args.cache, n_adapters=args.n)
     names = [entry["name"] for entry in entries]
@@ -69,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out / "recipe.yaml", args.cache, names, args.k, args.max_examples, args.dtype, args.k_in
     )
     results = run_bench(recipe, args.out, overwrite=True)
+    (args.out / "report.md").write_text(markdown(results) + target_section(results))
     shutil.rmtree(args.out / "stores", ignore_errors=True)  # stores are reproducible from the recipe
     (args.out / "command.txt").write_text(
         "python -m benchmarks." + Path(__file__).stem + " " + " ".join(argv or sys.argv[1:]) + "\n"
