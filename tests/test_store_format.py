@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_lora, peft_logits
+from conftest import ids_for, load_base, make_lora, peft_logits
 from test_store import compress_zoo, dense_deltas
 
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.codec import pack_cores, split_core, unpack_cores
 from mergekit_subspace.io.store import MANIFEST, compact_manifest, expand_manifest
+from mergekit_subspace.serve import attach
 from mergekit_subspace.subspace import SubspaceStore
 
 
@@ -106,3 +107,16 @@ def test_store_of_another_format_is_refused_by_name(
     (store_path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(SubspaceError, match="recompress"):
         SubspaceStore(store_path)
+
+
+def test_int8_store_serves_what_it_reconstructs(
+    tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path
+) -> None:
+    store = SubspaceStore(compress_zoo(tmp_path, tiny_bert, bert_zoo, "k: 6\n  dtype: int8"))
+    rows = ["task0", "task1", "task2", "task3"]
+    ids = ids_for(tiny_bert)
+    with torch.no_grad():
+        served = attach(load_base(tiny_bert), store).forward(rows, input_ids=ids).logits
+    for i, name in enumerate(rows):
+        rebuilt = store.reconstruct(name, tmp_path / f"rebuilt-{name}")
+        torch.testing.assert_close(served[i], peft_logits(tiny_bert, rebuilt)[i], atol=1e-4, rtol=1e-4)
