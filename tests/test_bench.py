@@ -12,7 +12,15 @@ from conftest import WORDS, make_lora, write_recipe
 
 from mergekit_subspace.cli import main
 
-METHOD_KEYS = {"original", "reconstructed", "mean_adapter", "per_task_svd", "leave_one_out", "base_only", "vlora"}
+METHOD_KEYS = {
+    "original",
+    "reconstructed",
+    "mean_adapter",
+    "per_task_svd",
+    "leave_one_out",
+    "base_only",
+    "vlora",
+}
 
 
 @pytest.fixture
@@ -21,7 +29,9 @@ def bench_setup(tiny_bert: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
     rng = random.Random(0)
     (tmp_path / "eval").mkdir()
     for adapter in zoo:
-        lines = [json.dumps({"text": " ".join(rng.sample(WORDS, 5)), "label": rng.randrange(3)}) for _ in range(24)]
+        lines = [
+            json.dumps({"text": " ".join(rng.sample(WORDS, 5)), "label": rng.randrange(3)}) for _ in range(24)
+        ]
         (tmp_path / "eval" / f"{adapter.name}.jsonl").write_text("\n".join(lines) + "\n")
     return tmp_path, zoo
 
@@ -37,7 +47,9 @@ def bench_recipe(root: Path, base: Path, body: str = "") -> Path:
 
 def test_bench_measures_every_method(tiny_bert: Path, bench_setup) -> None:
     root, zoo = bench_setup
-    result = CliRunner().invoke(main, ["bench", str(bench_recipe(root, tiny_bert)), "--out", str(root / "out")])
+    result = CliRunner().invoke(
+        main, ["bench", str(bench_recipe(root, tiny_bert)), "--out", str(root / "out")]
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((root / "out" / "results.json").read_text())
     assert results["tasks"] == [p.name for p in zoo]
@@ -75,7 +87,9 @@ def test_bad_eval_data_fails_before_fitting(tiny_bert: Path, bench_setup, damage
     root, zoo = bench_setup
     target = root / "eval" / f"{zoo[1].name}.jsonl"
     damage(target)
-    result = CliRunner().invoke(main, ["bench", str(bench_recipe(root, tiny_bert)), "--out", str(root / "out")])
+    result = CliRunner().invoke(
+        main, ["bench", str(bench_recipe(root, tiny_bert)), "--out", str(root / "out")]
+    )
     assert result.exit_code == 2, result.output
     assert message in result.output and target.name in result.output
     assert not (root / "out").exists()

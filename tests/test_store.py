@@ -157,6 +157,9 @@ def test_add_projects_without_refitting(tiny_bert: Path, bert_zoo: list[Path], t
     fresh = make_lora(tiny_bert, tmp_path / "fresh", seed=99, r=2)
     entry = store.add(fresh)
     assert entry["rel_error"] > 0.01 and entry["added_after_fit"]
+    # the open store sees the new task exactly as a reopened one does
+    assert store.manifest == SubspaceStore(store_path).manifest
+    assert "fresh" in store.manifest["slots"]["bert.encoder.layer.0.attention.self.query"]["tasks"]
 
 
 def test_info_json_keys(tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path) -> None:
@@ -206,7 +209,11 @@ def test_python_api_round_trip(tiny_bert: Path, bert_zoo: list[Path], tmp_path: 
 
 def test_lora_bias_keeps_its_scale(tiny_bert: Path, tmp_path: Path) -> None:
     """PEFT scales lora_B.bias by alpha / r; the rebuilt adapter (scale 1) must carry that scale."""
-    zoo = [make_lora(tiny_bert, tmp_path / "z" / f"b{i}", seed=i, r=2, alpha=8, lora_bias=True) for i in range(2)]
+    zoo = [
+        make_lora(tiny_bert, tmp_path / "z" / f"b{i}", seed=i, r=2, alpha=8, lora_bias=True) for i in range(2)
+    ]
     store = SubspaceStore(compress_zoo(tmp_path, tiny_bert, zoo))
     out = store.reconstruct("b1", tmp_path / "b1")
-    torch.testing.assert_close(peft_logits(tiny_bert, out), peft_logits(tiny_bert, zoo[1]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        peft_logits(tiny_bert, out), peft_logits(tiny_bert, zoo[1]), atol=1e-5, rtol=1e-5
+    )

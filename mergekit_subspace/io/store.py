@@ -240,5 +240,6 @@ class StoreFiles:
     def write_task_and_manifest(self, name: str, data: bytes, manifest: dict[str, Any]) -> None:
         """Add one task: its file first, then the manifest that makes it part of the store."""
         atomic_write_bytes(self.root / task_file(name), data)
-        atomic_write_bytes(self.root / MANIFEST, manifest_bytes(manifest))
-        self.manifest = manifest
+        data = manifest_bytes(manifest)
+        atomic_write_bytes(self.root / MANIFEST, data)
+        self.manifest = expand_manifest(json.loads(data), self.root / MANIFEST)  # exactly what a reopen sees
