@@ -43,7 +43,7 @@ from mergekit_subspace.bench import baselines  # noqa: E402
 from mergekit_subspace.bench.recipe import parse_bench_recipe  # noqa: E402
 from mergekit_subspace.bench.run import AdapterScorer  # noqa: E402
 from mergekit_subspace.io.checkpoint import Checkpoint  # noqa: E402
-from mergekit_subspace.io.codec import STORE_DTYPES, extra_bytes  # noqa: E402
+from mergekit_subspace.io.codec import ITEM_BYTES, STORE_DTYPES, extra_bytes  # noqa: E402
 from mergekit_subspace.io.files import atomic_write_bytes, json_bytes  # noqa: E402
 from mergekit_subspace.io.store import MANIFEST  # noqa: E402
 from mergekit_subspace.report import human_bytes  # noqa: E402
@@ -53,7 +53,6 @@ from mergekit_subspace.subspace import SubspaceStore, load_recipe_tasks  # noqa:
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_VIT_ZOO", "/work/zoo-cache/vit"))
 DEFAULT_OUT = ROOT / "results" / "scale"
-ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 METHODS = ("original", "reconstructed", "per_task_svd", "mean_adapter", "base_only")
 
 

@@ -1,6 +1,6 @@
 """Text-zoo benchmark: MiniLM LoRAs on WordNet tasks, compressed at several k, every baseline scored via PEFT.
 
-    python -m benchmarks.text_bench [--n 48] [--k 4 8 16 32] [--k-in K] [--dtype int8] [--max-examples 256] [--cache DIR] [--out DIR]
+    python -m benchmarks.text_bench [--n 48] [--k 4 8 16 32] [--k-in K] [--budget-bytes B] [--dtype int8] [--max-examples 256] [--cache DIR] [--out DIR]
 
 Builds (or reuses) the zoo, writes the bench recipe it ran beside the results, and runs `mergekit-subspace
 bench` on it. Results land in benchmarks/results/text/ (results.json, report.md, PNGs, recipe.yaml).
@@ -38,11 +38,14 @@ def write_recipe(
     max_examples: int,
     dtype: str,
     k_in: int | None = None,
+    budget_bytes: int | None = None,
 ) -> Path:
     recipe = {
         "base_model": minilm_path(),
         "adapters": [str(zoo / "adapters" / name) for name in names],
-        "subspace": {"k": max(ks), "normalize": True, "dtype": dtype} | ({"k_in": k_in} if k_in else {}),
+        "subspace": {"k": max(ks), "normalize": True, "dtype": dtype}
+        | ({"k_in": k_in} if k_in else {})
+        | ({"budget_bytes": budget_bytes} if budget_bytes else {}),
         "eval": {
             "type": "sequence_classification",
             "data": str(zoo / "eval" / "{task}.jsonl"),
@@ -90,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--k-in", type=int, default=None, help="right (input-side) basis size; default: k")
+    parser.add_argument(
+        "--budget-bytes",
+        type=int,
+        default=None,
+        help="bytes of basis + core numbers; k per slot is chosen under it and --k is its upper bound",
+    )
     parser.add_argument("--max-examples", type=int, default=256)
     parser.add_argument("--dtype", default="float16", choices=list(STORE_DTYPES))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -107,7 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     entries = build_text_zoo(args.cache, n_adapters=args.n)
     names = [entry["name"] for entry in entries]
     recipe = write_recipe(
-        args.out / "recipe.yaml", args.cache, names, args.k, args.max_examples, args.dtype, args.k_in
+        args.out / "recipe.yaml",
+        args.cache,
+        names,
+        args.k,
+        args.max_examples,
+        args.dtype,
+        args.k_in,
+        args.budget_bytes,
     )
     results = run_bench(recipe, args.out, overwrite=True)
     (args.out / "report.md").write_text(markdown(results) + target_section(results))

@@ -45,6 +45,8 @@ class SubspaceSettings(Strict):
 
     k: int | None = Field(None, ge=1)
     k_in: int | None = Field(None, ge=1)  # right (input-side) basis size when it should differ from k
+    # bytes of basis and core numbers for the whole store; k per slot is then chosen (k is its upper bound)
+    budget_bytes: int | None = Field(None, ge=1)
     energy: float | None = Field(None, gt=0.0, le=1.0)
     normalize: bool = True
     refine: int = Field(0, ge=0, le=50)
@@ -52,8 +54,10 @@ class SubspaceSettings(Strict):
 
     @model_validator(mode="after")
     def one_budget(self) -> SubspaceSettings:
+        if self.budget_bytes is not None and self.energy is not None:
+            raise ValueError("give either subspace.budget_bytes or subspace.energy, not both")
         if self.k is None and self.energy is None:
-            self.k = 16
+            self.k = 128 if self.budget_bytes is not None else 16
         if self.k is not None and self.energy is not None:
             raise ValueError("give either subspace.k or subspace.energy, not both")
         if self.k_in is not None and self.energy is not None:

@@ -15,9 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mergekit_subspace.basis import captured_energy, fit_slot_basis
+from mergekit_subspace.budget import allocate
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.checkpoint import Checkpoint
-from mergekit_subspace.io.codec import extras_dtype, pack_cores
+from mergekit_subspace.io.codec import ITEM_BYTES, extras_dtype, pack_cores
 from mergekit_subspace.io.files import atomic_directory, sha256_bytes, tensors_to_bytes
 from mergekit_subspace.io.peft import write_lora_adapter
 from mergekit_subspace.io.store import (
@@ -174,16 +175,28 @@ class SubspaceStore:
         shapes = slot_shapes(tasks, base)
         slot_meta: dict[str, Any] = {}
         fitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        sizes = {}
+        if settings.budget_bytes is not None:
+            assert settings.k is not None
+            by_slot = {m: [t.slots[m] for t in tasks if m in t.slots] for m in shapes}
+            numbers = settings.budget_bytes // ITEM_BYTES[settings.dtype]
+            try:
+                sizes = allocate(by_slot, numbers, settings.k, settings.k_in)
+            except ValueError as exc:
+                raise SubspaceError(
+                    f"subspace.budget_bytes = {settings.budget_bytes:,} is too small: {exc}"
+                ) from None
         for module in tqdm(sorted(shapes), desc="fit bases", disable=None if progress else True):
             members = [t for t in tasks if module in t.slots]
             deltas = [t.slots[module] for t in members]
+            k_out, k_in = sizes.get(module, (settings.k, settings.k_in))
             basis = fit_slot_basis(
                 deltas,
-                k=settings.k,
+                k=k_out,
                 energy=settings.energy,
                 normalize=settings.normalize,
                 refine=settings.refine,
-                k_in=settings.k_in,
+                k_in=k_in,
             )
             fitted[module] = (basis.U, basis.V)
             total_out = float(basis.spectrum_out.sum()) or 1.0

@@ -19,6 +19,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def _settings_line(settings: dict[str, Any]) -> str:
     k_in = settings.get("k_in")
     sides = f"k_in = {k_in} for the right (input-side) basis at every k" if k_in else "k_in = k"
+    if settings.get("budget_bytes"):
+        sides += (
+            f", k_out per slot chosen under a budget of {settings['budget_bytes']:,} bytes of basis and core "
+            "numbers (the k column is its upper bound; per-slot k is in results.json)"
+        )
     return (
         f"Store: {settings.get('dtype', '?')} numbers, {sides}, "
         f"{'unit-norm' if settings.get('normalize', True) else 'raw-norm'} fitting, "

@@ -22,14 +22,13 @@ from mergekit_subspace.bench.evaluate import load_task_data, scorer
 from mergekit_subspace.bench.recipe import BenchRecipe, parse_bench_recipe
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.eval.models import head_size
-from mergekit_subspace.io.codec import extra_bytes
+from mergekit_subspace.io.codec import ITEM_BYTES, extra_bytes
 from mergekit_subspace.io.files import atomic_write_bytes, json_bytes
 from mergekit_subspace.io.peft import write_lora_adapter
 from mergekit_subspace.sources import TaskSource
 from mergekit_subspace.subspace import SubspaceStore, load_recipe_tasks
 
 METHODS = ("original", "reconstructed", "mean_adapter", "per_task_svd", "leave_one_out", "base_only", "vlora")
-ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def peak_rss_mib() -> float:

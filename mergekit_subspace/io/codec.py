@@ -16,6 +16,7 @@ import torch
 from mergekit_subspace.lowrank import COMPUTE_DTYPE
 
 STORE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 INT8_MAX = 127.0
 
 
