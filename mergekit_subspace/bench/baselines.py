@@ -47,9 +47,13 @@ def per_task_svd(task: TaskSource, element_budget: float) -> tuple[Factors, int]
 
 
 def leave_one_out(
-    tasks: list[TaskSource], index: int, k: int, normalize: bool = True, k_in: int | None = None
+    tasks: list[TaskSource],
+    index: int,
+    sizes: dict[str, tuple[int, int]],
+    normalize: bool = True,
 ) -> tuple[Factors, float]:
-    """Fit each slot's basis without task `index`, project it, return its factors and relative error."""
+    """Fit each slot's basis without task `index` at the store's (k_out, k_in) for that slot, project the task,
+    return its factors and relative error."""
     held_out = tasks[index]
     others = [t for i, t in enumerate(tasks) if i != index]
     factors: Factors = {}
@@ -60,7 +64,8 @@ def leave_one_out(
         if not peers:  # nothing else touches this slot: a fresh basis would know nothing of it
             err += delta.norm_sq()
             continue
-        basis = fit_slot_basis(peers, k=k, normalize=normalize, k_in=k_in)
+        k_out, k_in = sizes[module]
+        basis = fit_slot_basis(peers, k=k_out, normalize=normalize, k_in=k_in)
         core = delta.project(basis.U, basis.V)
         err += stored_error_sq(delta, basis.U, core, basis.V)
         factors[module] = core_to_factors(basis.U, core, basis.V, min(delta.rank, *core.shape))

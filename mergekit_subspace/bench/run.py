@@ -150,6 +150,8 @@ def run_bench(
         fit_seconds = time.perf_counter() - started
         info = store.info()
         payload = store.stored_numbers()
+        # leave-one-out refits each slot at the size the store chose for it (per-slot under budget_bytes)
+        slot_sizes = {m: (s["k_out"], s["k_in"]) for m, s in info["slots"].items()}
         item = ITEM_BYTES[settings.dtype]
         results["bytes"]["per_k"][str(k)] = {
             "store": info["bytes"]["store"],
@@ -177,7 +179,7 @@ def run_bench(
             row["per_task_svd_rank"] = svd_rank
             if recipe.leave_one_out and len(tasks) > 1:
                 loo_factors, loo_error = baselines.leave_one_out(
-                    tasks, tasks.index(task), k, settings.normalize, k_in=settings.k_in
+                    tasks, tasks.index(task), slot_sizes, settings.normalize
                 )
                 row["leave_one_out"] = (
                     judge.factors(loo_factors, task, "loo") if loo_factors else row["base_only"]
