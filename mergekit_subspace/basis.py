@@ -50,7 +50,7 @@ def _top_left_singular(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return U, S * S
 
 
-def _weighted_capture(
+def weighted_capture(
     deltas: list[LowRankDelta], weights: list[float], U: torch.Tensor, V: torch.Tensor
 ) -> float:
     kept = total = 0.0
@@ -79,7 +79,7 @@ def _smallest_k_for_energy(
     while low < high:
         mid = (low + high) // 2
         if (
-            _weighted_capture(deltas, weights, U_all[:, : min(mid, cap_out)], V_all[:, : min(mid, cap_in)])
+            weighted_capture(deltas, weights, U_all[:, : min(mid, cap_out)], V_all[:, : min(mid, cap_in)])
             >= energy - 1e-12
         ):
             high = mid
@@ -150,4 +150,4 @@ def fit_slot_basis(
 
 def captured_energy(deltas: list[LowRankDelta], basis: SlotBasis, normalize: bool = True) -> float:
     """Weighted energy fraction sum_i w_i^2 ||C_i||^2 / sum_i w_i^2 ||D_i||^2 that the basis keeps."""
-    return _weighted_capture(deltas, task_weights(deltas, normalize), basis.U, basis.V)
+    return weighted_capture(deltas, task_weights(deltas, normalize), basis.U, basis.V)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mergekit_subspace.basis import _weighted_capture, fit_slot_basis, task_weights
+from mergekit_subspace.basis import fit_slot_basis, task_weights, weighted_capture
 from mergekit_subspace.lowrank import LowRankDelta
 
 STEP = 4
@@ -42,7 +42,7 @@ def _curve(deltas: list[LowRankDelta], k_max: int, k_in: int | None) -> _SlotCur
     for k in sorted({1, *range(STEP, cap_out, STEP), cap_out}):
         ko, ki = k, min(cap_in, k if k_in is None else k_in)
         curve.sizes.append((ko, ki))
-        curve.gains.append(total * _weighted_capture(deltas, weights, basis.U[:, :ko], basis.V[:, :ki]))
+        curve.gains.append(total * weighted_capture(deltas, weights, basis.U[:, :ko], basis.V[:, :ki]))
         curve.costs.append(ko * m + ki * n + sum(core_numbers(ko, ki, d.rank) for d in deltas))
     return curve
 
