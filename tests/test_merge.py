@@ -502,3 +502,11 @@ def _head_centred_at(base: Path, adapter: Path, texts: list[str], scale: float, 
     weights[HEAD.replace("weight", "bias")] = -(head @ centre)
     save_file(weights, out / "adapter_model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def test_budget_bytes_is_refused_for_an_in_memory_basis(two_bert: list[Path], tmp_path: Path) -> None:
+    recipe = _adapters_recipe(two_bert, "task_arithmetic", tmp_path / "out")
+    recipe["subspace"] = {"budget_bytes": 10_000}
+    code, output = run_recipe(tmp_path, recipe)
+    assert code == 2 and "budget_bytes" in output and "compress with a budget first" in output
+    assert not (tmp_path / "out").exists()

@@ -127,6 +127,11 @@ def from_adapters(
     _check_same_base(sources, recipe_base)
     shapes = slot_shapes(sources, base)
     settings = settings or SubspaceSettings(k=EXACT_K)
+    if settings.budget_bytes is not None:
+        raise SubspaceError(
+            "subspace.budget_bytes sizes a stored zoo; a merge fits its basis at one k (use subspace.k), "
+            "or compress with a budget first and merge from the store"
+        )
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     cores: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in sources}
     for module in sorted(shapes):
