@@ -2,7 +2,7 @@
 
 Slots differ: one touched by 12 adapters may hold all it can at k = 16 while one touched by 48 keeps gaining
 at 64. A single k for every slot wastes bytes on the first and starves the second. `allocate` grows each
-slot's k in steps, always taking the step with the largest gain in captured (unit-norm weighted) energy per
+slot's k in steps, always taking the step with the largest gain in captured energy (weighted as the store fits) per
 byte added, until the next step no longer fits. Bytes count the stored numbers of the basis and of every
 task's core (factored when smaller, as the store keeps them); heads and the manifest are not part of it.
 """
@@ -30,13 +30,13 @@ class _SlotCurve:
     costs: list[int]  # stored numbers per step
 
 
-def _curve(deltas: list[LowRankDelta], k_max: int, k_in: int | None) -> _SlotCurve:
+def _curve(deltas: list[LowRankDelta], k_max: int, k_in: int | None, normalize: bool) -> _SlotCurve:
     m, n = deltas[0].shape
     total_rank = sum(d.rank for d in deltas)
     cap_out = min(m, total_rank, k_max)
     cap_in = min(n, total_rank, k_in if k_in is not None else k_max)
-    basis = fit_slot_basis(deltas, k=cap_out, k_in=cap_in)
-    weights = task_weights(deltas, normalize=True)
+    basis = fit_slot_basis(deltas, k=cap_out, k_in=cap_in, normalize=normalize)
+    weights = task_weights(deltas, normalize)
     total = sum(w * w * d.norm_sq() for w, d in zip(weights, deltas, strict=True))
     curve = _SlotCurve([], [], [])
     for k in sorted({1, *range(STEP, cap_out, STEP), cap_out}):
@@ -48,14 +48,19 @@ def _curve(deltas: list[LowRankDelta], k_max: int, k_in: int | None) -> _SlotCur
 
 
 def allocate(
-    slots: dict[str, list[LowRankDelta]], budget_numbers: int, k_max: int, k_in: int | None = None
+    slots: dict[str, list[LowRankDelta]],
+    budget_numbers: int,
+    k_max: int,
+    k_in: int | None = None,
+    normalize: bool = True,
 ) -> dict[str, tuple[int, int]]:
     """(k_out, k_in) per slot whose stored numbers fit `budget_numbers`.
 
     With `k_in` set, only k_out grows and the right basis stays at k_in; otherwise both grow together.
+    Energy is weighted as the store fits it (`normalize`: unit-norm tasks, else raw norms).
     Raises ValueError when even k_out = 1 in every slot does not fit.
     """
-    curves = {module: _curve(deltas, k_max, k_in) for module, deltas in slots.items()}
+    curves = {module: _curve(deltas, k_max, k_in, normalize) for module, deltas in slots.items()}
     chosen = dict.fromkeys(curves, 0)
     spent = sum(c.costs[0] for c in curves.values())
     if spent > budget_numbers:

@@ -181,7 +181,7 @@ class SubspaceStore:
             by_slot = {m: [t.slots[m] for t in tasks if m in t.slots] for m in shapes}
             numbers = settings.budget_bytes // ITEM_BYTES[settings.dtype]
             try:
-                sizes = allocate(by_slot, numbers, settings.k, settings.k_in)
+                sizes = allocate(by_slot, numbers, settings.k, settings.k_in, settings.normalize)
             except ValueError as exc:
                 raise SubspaceError(
                     f"subspace.budget_bytes = {settings.budget_bytes:,} is too small: {exc}"

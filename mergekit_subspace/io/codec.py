@@ -61,11 +61,6 @@ def decode(stored: torch.Tensor, scale: float | None) -> torch.Tensor:
     return stored.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)
 
 
-def round_trip(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """x as it will read back from the store (used to compute errors against exactly the stored values)."""
-    return decode(*encode(x, dtype))
-
-
 def split_core(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Balanced factors (P, Q) with P Q = core, of rank min(rank, k_out, k_in); None when dense is smaller."""
     k_out, k_in = core.shape
