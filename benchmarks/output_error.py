@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from benchmarks.zoos._common import limit_threads  # noqa: E402
 from benchmarks.zoos.text import build_text_zoo, minilm_path  # noqa: E402
-from mergekit_subspace.basis import fit_slot_basis  # noqa: E402
+from mergekit_subspace.fit import SubspaceBasis  # noqa: E402
 from mergekit_subspace.io.files import atomic_write_bytes, json_bytes  # noqa: E402
 from mergekit_subspace.sources import TaskSource, lora_task  # noqa: E402
 
@@ -73,17 +73,14 @@ def output_error(
     tasks: list[TaskSource], inputs: dict[str, torch.Tensor], k_out: list[int], k_in: list[int]
 ) -> list[list[float]]:
     """grid[i][j]: relative output error over all tasks and slots at k_out[i], k_in[j]."""
-    bases = {}
-    for module in inputs:
-        deltas = [t.slots[module] for t in tasks if module in t.slots]
-        bases[module] = fit_slot_basis(deltas, k=max(k_out), k_in=max(k_in))
+    fitted = SubspaceBasis(k=max(k_out), k_in=max(k_in)).fit(tasks, modules=list(inputs))
     grid = []
     for ko in k_out:
         row = []
         for ki in k_in:
             err = ref = 0.0
             for module, X in inputs.items():
-                U, V = bases[module].U[:, :ko], bases[module].V[:, :ki]
+                U, V = fitted.bases_[module][0][:, :ko], fitted.bases_[module][1][:, :ki]
                 Xt = X.T
                 VX = V.T @ Xt
                 for task in tasks:

@@ -8,6 +8,8 @@ the basis is gauge-free.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +42,7 @@ def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     if vectors.numel() == 0:
         return vectors
     index = torch.argmax(vectors.abs(), dim=0)
-    signs = torch.sign(vectors[index, torch.arange(vectors.shape[1])])
+    signs = torch.sign(vectors[index, torch.arange(vectors.shape[1], device=vectors.device)])
     signs[signs == 0] = 1
     return vectors * signs
 
@@ -51,8 +53,9 @@ def _top_left_singular(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def weighted_capture(
-    deltas: list[LowRankDelta], weights: list[float], U: torch.Tensor, V: torch.Tensor
+    deltas: Sequence[LowRankDelta], weights: list[float], U: torch.Tensor, V: torch.Tensor
 ) -> float:
+    """sum_i w_i^2 ||U^T D_i V||^2 / sum_i w_i^2 ||D_i||^2: the share of the weighted zoo the bases keep."""
     kept = total = 0.0
     for w, d in zip(weights, deltas, strict=True):
         core = d.project(U, V)
@@ -62,7 +65,7 @@ def weighted_capture(
 
 
 def _smallest_k_for_energy(
-    deltas: list[LowRankDelta],
+    deltas: Sequence[LowRankDelta],
     weights: list[float],
     U_all: torch.Tensor,
     V_all: torch.Tensor,
@@ -88,7 +91,7 @@ def _smallest_k_for_energy(
     return min(low, cap_out), min(low, cap_in)
 
 
-def task_weights(deltas: list[LowRankDelta], normalize: bool) -> list[float]:
+def task_weights(deltas: Sequence[LowRankDelta], normalize: bool) -> list[float]:
     """1/||D_i|| per task when normalizing, so no adapter owns the basis by sheer scale."""
     if not normalize:
         return [1.0] * len(deltas)
@@ -100,7 +103,7 @@ def task_weights(deltas: list[LowRankDelta], normalize: bool) -> list[float]:
 
 
 def fit_slot_basis(
-    deltas: list[LowRankDelta],
+    deltas: Sequence[LowRankDelta],
     k: int | None = None,
     energy: float | None = None,
     normalize: bool = True,
@@ -148,6 +151,170 @@ def fit_slot_basis(
     )
 
 
-def captured_energy(deltas: list[LowRankDelta], basis: SlotBasis, normalize: bool = True) -> float:
+def captured_energy(deltas: Sequence[LowRankDelta], basis: SlotBasis, normalize: bool = True) -> float:
     """Weighted energy fraction sum_i w_i^2 ||C_i||^2 / sum_i w_i^2 ||D_i||^2 that the basis keeps."""
     return weighted_capture(deltas, task_weights(deltas, normalize), basis.U, basis.V)
+
+
+# ---- the randomized solver -------------------------------------------------------------------------------
+#
+# For a slot touched by many adapters the stacked Y = [w_i Y_i] is m x sum(r), and its dense SVD costs
+# O(m (sum r)^2). The top-k left singular vectors of Y are the top eigenvectors of G = sum_i w_i^2 Y_i Y_i^T =
+# sum_i w_i^2 B_i (A_i A_i^T) B_i^T, and G is applied to a thin m x l block one adapter at a time, without G or
+# Y ever being formed: a randomized range finder (Halko, Martinsson, Tropp 2011) with power passes, then
+# Rayleigh-Ritz on the range. Each pass reads every adapter of the slot once (from memory when the slot is
+# held) and costs O((m + n) r l) per adapter, so time grows with the data read, not with its square.
+
+
+def slot_seed(module: str) -> int:
+    """A seed from the slot name, so the random test matrices (and the bytes) are the same run to run."""
+    return int(hashlib.sha256(module.encode()).hexdigest()[:15], 16)
+
+
+@dataclass
+class RandomizedFit:
+    """What the randomized solver learns about one slot: the Ritz bases and the task coordinates in them."""
+
+    U: torch.Tensor  # m x l_out, orthonormal, columns by descending Ritz value
+    V: torch.Tensor  # n x l_in
+    spectrum_out: torch.Tensor  # Ritz values (squared singular values of Y), descending
+    spectrum_in: torch.Tensor
+    coords: list[torch.Tensor]  # per task, U^T D_i V (l_out x l_in): two-sided energy of any prefix
+    weights: list[float]
+    norms_sq: list[float]
+
+    def capture(self, k_out: int, k_in: int) -> float:
+        """Weighted share of the zoo that the first k_out / k_in directions keep (exact for these bases)."""
+        kept = total = 0.0
+        for w, c, nsq in zip(self.weights, self.coords, self.norms_sq, strict=True):
+            kept += w * w * float(torch.sum(c[:k_out, :k_in] ** 2))
+            total += w * w * nsq
+        return 1.0 if total == 0 else kept / total
+
+
+def _orthonormal(block: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(block, mode="reduced")[0]
+
+
+def randomized_fit(
+    deltas: Callable[[], Iterable[LowRankDelta]],
+    shape: tuple[int, int],
+    width_out: int,
+    width_in: int,
+    normalize: bool,
+    power_iters: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> RandomizedFit:
+    """Top `width_out` left and `width_in` right directions of a slot, from passes over `deltas()`.
+
+    Pass 1 sketches G Omega (and the right side's G' Omega') with Gaussian test matrices seeded by `seed`,
+    and learns each task's weight; each power pass applies G to the orthonormalized sketch again; the last
+    pass forms Q^T G Q (small) and each task's coordinates Q^T D_i Q', from which the Ritz vectors, their
+    values and every prefix's captured energy follow. 2 + power_iters passes in all.
+    """
+    m, n = shape
+    generator = torch.Generator().manual_seed(seed)
+    sketch_out = torch.randn(m, width_out, generator=generator, dtype=COMPUTE_DTYPE).to(device)
+    sketch_in = torch.randn(n, width_in, generator=generator, dtype=COMPUTE_DTYPE).to(device)
+    weights: list[float] = []
+    norms_sq: list[float] = []
+    krylov_out: list[torch.Tensor] = []
+    krylov_in: list[torch.Tensor] = []
+    for pass_index in range(1 + power_iters):
+        probe_out, probe_in = sketch_out, sketch_in
+        if pass_index > 0:
+            probe_out, probe_in = _orthonormal(sketch_out), _orthonormal(sketch_in)
+        sketch_out = torch.zeros(m, width_out, dtype=COMPUTE_DTYPE, device=device)
+        sketch_in = torch.zeros(n, width_in, dtype=COMPUTE_DTYPE, device=device)
+        for i, delta in enumerate(deltas()):
+            B, A = delta.factors()
+            gram_a, gram_b = A @ A.T, B.T @ B
+            if pass_index == 0:
+                norm_sq = float(torch.sum(gram_a * gram_b))
+                norms_sq.append(norm_sq)
+                weights.append((0.0 if norm_sq == 0 else norm_sq**-0.5) if normalize else 1.0)
+            w2 = weights[i] ** 2
+            sketch_out += w2 * (B @ (gram_a @ (B.T @ probe_out)))
+            sketch_in += w2 * (A.T @ (gram_b @ (A @ probe_in)))
+        krylov_out.append(_orthonormal(sketch_out))
+        krylov_in.append(_orthonormal(sketch_in))
+    # Rayleigh-Ritz on the whole block Krylov space [G W, G^2 W, ...], not only its last block: on the flat
+    # spectra of LoRA input sides it converges far faster than plain power passes (Musco & Musco 2015)
+    Q_out = _orthonormal(torch.cat(krylov_out, dim=1)[:, : min(m, width_out * (1 + power_iters))])
+    Q_in = _orthonormal(torch.cat(krylov_in, dim=1)[:, : min(n, width_in * (1 + power_iters))])
+    small_out = torch.zeros(Q_out.shape[1], Q_out.shape[1], dtype=COMPUTE_DTYPE, device=device)
+    small_in = torch.zeros(Q_in.shape[1], Q_in.shape[1], dtype=COMPUTE_DTYPE, device=device)
+    coords = []
+    for i, delta in enumerate(deltas()):
+        B, A = delta.factors()
+        left, right = Q_out.T @ B, A @ Q_in  # l_out x r, r x l_in
+        w2 = weights[i] ** 2
+        small_out += w2 * (left @ (A @ A.T) @ left.T)
+        small_in += w2 * (right.T @ (B.T @ B) @ right)
+        coords.append(left @ right)
+    values_out, vectors_out = torch.linalg.eigh(small_out)
+    values_in, vectors_in = torch.linalg.eigh(small_in)
+    vectors_out, vectors_in = vectors_out.flip(1), vectors_in.flip(1)
+    U, V = fix_signs(Q_out @ vectors_out), fix_signs(Q_in @ vectors_in)
+    # the sign fix flips columns: rotate the coordinates the same way
+    turn_out, turn_in = U.T @ Q_out, Q_in.T @ V
+    coords = [turn_out @ c @ turn_in for c in coords]
+    return RandomizedFit(
+        U=U,
+        V=V,
+        spectrum_out=values_out.flip(0).clamp_min(0.0),
+        spectrum_in=values_in.flip(0).clamp_min(0.0),
+        coords=coords,
+        weights=weights,
+        norms_sq=norms_sq,
+    )
+
+
+def smallest_k_for_capture(
+    capture: Callable[[int, int], float], energy: float, cap_out: int, cap_in: int
+) -> tuple[int, int]:
+    """Smallest k whose two-sided capture reaches `energy` (binary search: capture grows with k)."""
+    low, high = 1, max(cap_out, cap_in)
+    while low < high:
+        mid = (low + high) // 2
+        if capture(min(mid, cap_out), min(mid, cap_in)) >= energy - 1e-12:
+            high = mid
+        else:
+            low = mid + 1
+    return min(low, cap_out), min(low, cap_in)
+
+
+def hooi_step(
+    deltas: Callable[[], Iterable[LowRankDelta]],
+    weights: list[float],
+    fixed: torch.Tensor,
+    width: int,
+    left: bool,
+    power_iters: int,
+    seed: int,
+) -> torch.Tensor:
+    """One HOOI half-step on the randomized path: top `width` eigenvectors of sum_i w_i^2 (D_i F)(D_i F)^T
+    (left side, F = V) or of sum_i w_i^2 (D_i^T F)(D_i^T F)^T (right side, F = U), from passes over deltas."""
+
+    def thin(delta: LowRankDelta) -> torch.Tensor:
+        return delta.times_right(fixed) if left else delta.transpose_times_left(fixed)
+
+    first = next(iter(deltas()))
+    dim = first.shape[0] if left else first.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    sketch = torch.randn(dim, width, generator=generator, dtype=COMPUTE_DTYPE).to(fixed.device)
+    probe = sketch
+    for pass_index in range(2 + power_iters):
+        if pass_index > 0:
+            probe = _orthonormal(sketch)
+        sketch = torch.zeros(dim, width, dtype=COMPUTE_DTYPE, device=fixed.device)
+        small = torch.zeros(width, width, dtype=COMPUTE_DTYPE, device=fixed.device)
+        for w, delta in zip(weights, deltas(), strict=True):
+            block = thin(delta)
+            sketch += w * w * (block @ (block.T @ probe))
+            if pass_index == 1 + power_iters:
+                projected = probe.T @ block
+                small += w * w * (projected @ projected.T)
+    values, vectors = torch.linalg.eigh(small)
+    return fix_signs(probe @ vectors.flip(1))

@@ -16,6 +16,13 @@ from mergekit_subspace.report import format_info
 
 EXIT_BAD_INPUT = 2
 
+DEVICE = click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Torch device for the fit and projections (e.g. cuda, cuda:1).",
+)
+
 
 def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn SubspaceError into one clear line on stderr and a non-zero exit, not a traceback."""
@@ -47,13 +54,22 @@ def main() -> None:
 @click.option(
     "--allow-pickle", is_flag=True, help="Accept .bin weights, loaded with torch.load(weights_only=True)."
 )
+@DEVICE
 @_friendly
-def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool) -> None:
-    """Fit a shared basis per slot on every task in RECIPE and store per-task cores."""
+def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, device: str) -> None:
+    """Fit a shared basis per slot on every task in RECIPE and store per-task cores.
+
+    Runs slot by slot in the memory of one slot. Under `torchrun --nproc-per-node P -m mergekit_subspace
+    compress RECIPE` the slots are shared out over P processes and rank 0 writes the same store.
+    """
+    from mergekit_subspace import parallel
     from mergekit_subspace.subspace import SubspaceStore
 
-    store = SubspaceStore.compress(recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle)
-    click.echo(format_info(store.info()))
+    store = SubspaceStore.compress(
+        recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle, device=device
+    )
+    if parallel.current(device).main:
+        click.echo(format_info(store.info()))
 
 
 @main.command()
@@ -61,13 +77,17 @@ def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool) 
 @click.argument("adapter", type=click.Path())
 @click.option("--name", help="Task name (default: the adapter folder's name).")
 @click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin, loaded with weights_only=True.")
+@DEVICE
 @_friendly
-def add(store: str, adapter: str, name: str | None, allow_pickle: bool) -> None:
+def add(store: str, adapter: str, name: str | None, allow_pickle: bool, device: str) -> None:
     """Project ADAPTER onto STORE's existing basis; only its cores and heads are written."""
+    from mergekit_subspace import parallel
     from mergekit_subspace.subspace import SubspaceStore
 
     opened = SubspaceStore(store)
-    entry = opened.add(adapter, name=name, allow_pickle=allow_pickle)
+    entry = opened.add(adapter, name=name, allow_pickle=allow_pickle, device=device)
+    if not parallel.current(device).main:
+        return
     click.echo(
         f"added '{entry['name']}': relative error {entry['rel_error']:.4f} over {len(entry['slots'])} slots"
     )

@@ -51,6 +51,11 @@ class SubspaceSettings(Strict):
     normalize: bool = True
     refine: int = Field(0, ge=0, le=50)
     dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
+    # how each slot's basis is found: the dense SVD ("exact"), a randomized range finder with power passes
+    # and Rayleigh-Ritz ("randomized"), or whichever costs less for the slot ("auto")
+    solver: Literal["auto", "exact", "randomized"] = "auto"
+    oversample: int = Field(10, ge=0, le=1024)  # extra sketch columns of the randomized solver
+    power_iters: int = Field(2, ge=0, le=20)  # extra passes (block Krylov) of the randomized solver
 
     @model_validator(mode="after")
     def one_budget(self) -> SubspaceSettings:
@@ -63,6 +68,20 @@ class SubspaceSettings(Strict):
         if self.k_in is not None and self.energy is not None:
             raise ValueError("subspace.k_in goes with subspace.k, not with subspace.energy")
         return self
+
+
+SOLVER_KEYS = ("solver", "oversample", "power_iters")
+
+
+def settings_record(settings: SubspaceSettings) -> dict:
+    """The settings as a manifest records them: solver keys only where they differ from the defaults, so
+    a store fit by the exact solver is byte-identical to one written before the solver could be chosen."""
+    defaults = SubspaceSettings()
+    record = settings.model_dump()
+    for key in SOLVER_KEYS:
+        if record[key] == getattr(defaults, key):
+            del record[key]
+    return record
 
 
 class CompressRecipe(Strict):

@@ -6,6 +6,7 @@ written, so bad input never leaves a partial store.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,20 +23,34 @@ from mergekit_subspace.recipe import check_task_name
 
 @dataclass
 class TaskSource:
-    """One task ready to be projected: factored slots, verbatim extras, and what reconstruction needs."""
+    """One task ready to be projected: factored slots, verbatim extras, and what reconstruction needs.
+
+    `slots` and `extras` may be lazy (a LoRA folder reads one slot's factors per lookup); `shapes` and `ranks`
+    come from headers, so a zoo is checked before any tensor is read.
+    """
 
     name: str
     kind: str  # "lora" or "finetune"
     source: str
-    slots: dict[str, LowRankDelta]
-    extras: dict[str, torch.Tensor]
+    slots: Mapping[str, LowRankDelta]
+    extras: Mapping[str, torch.Tensor]
     peft_config: dict[str, Any]
     dtype: str
-    source_sha256: str
     source_bytes: int
+    shapes: dict[str, tuple[int, int]]
+    ranks: dict[str, int]
+    digest: Callable[[], str]
     alphas: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
+    _sha256: str | None = None
+
+    @property
+    def source_sha256(self) -> str:
+        """sha256 of the source files, computed on first use (it reads every byte once)."""
+        if self._sha256 is None:
+            self._sha256 = self.digest()
+        return self._sha256
 
 
 def lora_task(folder: str | Path, name: str | None = None, allow_pickle: bool = False) -> TaskSource:
@@ -50,10 +65,36 @@ def lora_task(folder: str | Path, name: str | None = None, allow_pickle: bool = 
         extras=adapter.extras,
         peft_config=adapter.config,
         dtype=adapter.dtype,
-        source_sha256=adapter.source_sha256,
         source_bytes=adapter.source_bytes,
+        shapes=adapter.shapes,
+        ranks=adapter.ranks,
+        digest=lambda: adapter.source_sha256,
         alphas=adapter.alphas,
         fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out", False)),
+    )
+
+
+def delta_task(name: str, slots: dict[str, LowRankDelta], source: str = "memory") -> TaskSource:
+    """A task from deltas already in memory (Python users, tests, benchmarks): no heads, float32 config."""
+    check_task_name(name, source)
+    return TaskSource(
+        name=name,
+        kind="lora",
+        source=source,
+        slots=slots,
+        extras={},
+        peft_config={
+            "peft_type": "LORA",
+            "r": max(d.rank for d in slots.values()),
+            "target_modules": sorted(slots),
+        },
+        dtype="float32",
+        source_bytes=sum(
+            d.B.numel() * d.B.element_size() + d.A.numel() * d.A.element_size() for d in slots.values()
+        ),
+        shapes={m: d.shape for m, d in slots.items()},
+        ranks={m: d.rank for m, d in slots.items()},
+        digest=lambda: "",
     )
 
 
@@ -65,6 +106,7 @@ def finetune_task(
     allow_pickle: bool = False,
     progress: bool = True,
 ) -> TaskSource:
+    """A full fine-tune, read module by module against the base; its truncated factors are held (small)."""
     folder = Path(folder)
     task_name = check_task_name(name or folder.resolve().name, folder)
     delta = read_finetune(folder, base, max_rank=max_rank, allow_pickle=allow_pickle, progress=progress)
@@ -88,8 +130,10 @@ def finetune_task(
         extras=delta.extras,
         peft_config=config,
         dtype=delta.dtype,
-        source_sha256=delta.source_sha256,
         source_bytes=delta.source_bytes,
+        shapes={m: d.shape for m, d in delta.slots.items()},
+        ranks={m: d.rank for m, d in delta.slots.items()},
+        digest=lambda: delta.source_sha256,
         notes={"max_rank": max_rank, "energy_dropped": delta.energy_dropped},
     )
 
@@ -114,8 +158,7 @@ def slot_shapes(tasks: list[TaskSource], base: Checkpoint | None) -> dict[str, t
     shapes: dict[str, tuple[int, int]] = {}
     owner: dict[str, str] = {}
     for task in tasks:
-        for module, delta in task.slots.items():
-            shape = delta.shape
+        for module, shape in task.shapes.items():
             if base is not None:
                 key = base.resolve_module(module)
                 if key is None:

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_subspace.basis import captured_energy, fit_slot_basis
-from mergekit_subspace.budget import allocate
+from mergekit_subspace import parallel
+from mergekit_subspace.basis import SlotBasis
 from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.fit import SlotDeltas, SubspaceBasis, check_device
 from mergekit_subspace.io.checkpoint import Checkpoint
-from mergekit_subspace.io.codec import ITEM_BYTES, extras_dtype, pack_cores
+from mergekit_subspace.io.codec import EncodedCore, assemble_cores, encode_core, extras_dtype
 from mergekit_subspace.io.files import atomic_directory, sha256_bytes, tensors_to_bytes
 from mergekit_subspace.io.peft import write_lora_adapter
 from mergekit_subspace.io.store import (
@@ -32,55 +34,62 @@ from mergekit_subspace.io.store import (
     task_file,
     task_tensors,
 )
-from mergekit_subspace.lowrank import COMPUTE_DTYPE, core_to_factors, stored_error_sq
+from mergekit_subspace.lowrank import COMPUTE_DTYPE, LowRankDelta, core_to_factors, stored_error_sq
 from mergekit_subspace.recipe import (
     CompressRecipe,
     SubspaceSettings,
     check_task_name,
     expand_entries,
     parse_compress_recipe,
+    settings_record,
 )
-from mergekit_subspace.sources import (
-    TaskSource,
-    check_unique_names,
-    finetune_task,
-    lora_task,
-    slot_shapes,
-)
+from mergekit_subspace.sources import TaskSource, check_unique_names, finetune_task, lora_task
 
 SPECTRUM_KEEP = 64  # leading squared singular values kept per slot for scree plots
 
 
-def _encode_task(
-    task: TaskSource,
-    bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    dtype: str,
-    added: bool,
+@dataclass
+class EncodedSlot:
+    """One task's slot as the store keeps it: the encoded core and its statistics (errors as read back)."""
+
+    core: EncodedCore
+    stats: dict[str, Any]
+    err_sq: float
+    norm_sq: float
+
+
+def encode_slot(
+    task: TaskSource, module: str, delta: LowRankDelta, U: torch.Tensor, V: torch.Tensor, dtype: str
+) -> EncodedSlot:
+    """Project one slot of a task onto the stored bases (U, V as they read back) and encode its core."""
+    encoded = encode_core(module, delta.project(U, V).cpu(), delta.rank, dtype)
+    err_sq = stored_error_sq(delta, U, encoded.readback.to(U.device), V)
+    norm_sq = delta.norm_sq()
+    stats: dict[str, Any] = {
+        "rank": delta.rank,
+        "rho": encoded.layout.rho,
+        "norm": math.sqrt(norm_sq),
+        "rel_error": 0.0 if norm_sq == 0 else math.sqrt(err_sq / norm_sq),
+    }
+    if module in task.alphas:
+        stats["alpha"] = task.alphas[module]
+    return EncodedSlot(encoded, stats, err_sq, norm_sq)
+
+
+def _task_file_and_entry(
+    task: TaskSource, slots: dict[str, EncodedSlot], dtype: str, added: bool
 ) -> tuple[bytes, dict[str, Any]]:
-    """One task's file bytes and manifest entry; its errors are computed from the values as they will read back."""
-    projected = {module: delta.project(*bases[module]) for module, delta in task.slots.items()}
-    packed, readback = pack_cores(projected, {m: d.rank for m, d in task.slots.items()}, dtype)
-    rho = {layout.module: layout.rho for layout in packed.layouts}
-    slot_stats: dict[str, Any] = {}
+    """One task's file bytes and manifest entry, from its encoded slots; its heads are read here, once."""
+    packed = assemble_cores([slots[m].core for m in sorted(slots)], dtype)
     total_err = total_norm = 0.0
-    for module, delta in sorted(task.slots.items()):
-        U, V = bases[module]
-        err_sq, norm_sq = stored_error_sq(delta, U, readback[module], V), delta.norm_sq()
-        total_err += err_sq
-        total_norm += norm_sq
-        stats: dict[str, Any] = {
-            "rank": delta.rank,
-            "rho": rho[module],
-            "norm": math.sqrt(norm_sq),
-            "rel_error": 0.0 if norm_sq == 0 else math.sqrt(err_sq / norm_sq),
-        }
-        if module in task.alphas:
-            stats["alpha"] = task.alphas[module]
-        slot_stats[module] = stats
+    for module in sorted(slots):
+        total_err += slots[module].err_sq
+        total_norm += slots[module].norm_sq
     keep_as = extras_dtype(dtype)
+    raw = dict(task.extras.items())
     extras = {
         key: value.to(keep_as) if keep_as is not None and value.is_floating_point() else value
-        for key, value in task.extras.items()
+        for key, value in raw.items()
     }
     data = tensors_to_bytes(task_tensors(packed, extras), metadata={"format": FORMAT})
     entry = {
@@ -91,14 +100,29 @@ def _encode_task(
         "file": task_file(task.name),
         "peft_config": task.peft_config,
         "dtype": task.dtype,
-        "slots": slot_stats,
+        "slots": {m: slots[m].stats for m in sorted(slots)},
         "rel_error": 0.0 if total_norm == 0 else math.sqrt(total_err / total_norm),
-        "extras": sorted(task.extras),
-        "extra_dtypes": {key: str(value.dtype).removeprefix("torch.") for key, value in task.extras.items()},
+        "extras": sorted(raw),
+        "extra_dtypes": {key: str(value.dtype).removeprefix("torch.") for key, value in raw.items()},
         "added_after_fit": added,
         **task.notes,
     }
     return data, entry
+
+
+def _hash_sources(tasks: list[TaskSource], ranks: parallel.Ranks, progress: bool) -> None:
+    """Every task's source sha256, the hashing shared out over the ranks (it reads every byte once)."""
+    by_name = {t.name: t for t in tasks}
+    digests = parallel.map_shared(
+        ranks,
+        list(by_name),
+        {t.name: float(t.source_bytes) for t in tasks},
+        lambda name: by_name[name].source_sha256,
+        "hash sources",
+        progress,
+    )
+    for name, digest in digests.items():
+        by_name[name]._sha256 = digest
 
 
 def load_recipe_tasks(
@@ -141,6 +165,7 @@ class SubspaceStore:
         overwrite: bool = False,
         allow_pickle: bool = False,
         progress: bool = True,
+        device: str = "cpu",
     ) -> SubspaceStore:
         """Fit per-slot bases on every task of the recipe and write a new store atomically."""
         recipe_path = None
@@ -155,7 +180,7 @@ class SubspaceStore:
             raise SubspaceError("already exists; choose another path or pass --overwrite", target)
         tasks, base = load_recipe_tasks(recipe, recipe_path, allow_pickle, progress)
         return cls.from_tasks(
-            tasks, recipe.subspace, target, base=base, overwrite=overwrite, progress=progress
+            tasks, recipe.subspace, target, base=base, overwrite=overwrite, progress=progress, device=device
         )
 
     @classmethod
@@ -167,73 +192,85 @@ class SubspaceStore:
         base: Checkpoint | None = None,
         overwrite: bool = False,
         progress: bool = True,
+        device: str = "cpu",
     ) -> SubspaceStore:
-        """Fit bases on already-loaded tasks (the Python entry point behind `compress`)."""
+        """Fit bases on already-loaded tasks (the Python entry point behind `compress`), slot by slot; under
+        torchrun every rank fits its share of the slots and rank 0 writes the store."""
         if not tasks:
             raise SubspaceError("the zoo is empty: nothing to compress")
-        check_unique_names(tasks)
-        shapes = slot_shapes(tasks, base)
-        slot_meta: dict[str, Any] = {}
-        fitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        sizes = {}
-        if settings.budget_bytes is not None:
-            assert settings.k is not None
-            by_slot = {m: [t.slots[m] for t in tasks if m in t.slots] for m in shapes}
-            numbers = settings.budget_bytes // ITEM_BYTES[settings.dtype]
-            try:
-                sizes = allocate(by_slot, numbers, settings.k, settings.k_in, settings.normalize)
-            except ValueError as exc:
-                raise SubspaceError(
-                    f"subspace.budget_bytes = {settings.budget_bytes:,} is too small: {exc}"
-                ) from None
-        for module in tqdm(sorted(shapes), desc="fit bases", disable=None if progress else True):
-            members = [t for t in tasks if module in t.slots]
-            deltas = [t.slots[module] for t in members]
-            k_out, k_in = sizes.get(module, (settings.k, settings.k_in))
-            basis = fit_slot_basis(
-                deltas,
-                k=k_out,
-                energy=settings.energy,
-                normalize=settings.normalize,
-                refine=settings.refine,
-                k_in=k_in,
-            )
-            fitted[module] = (basis.U, basis.V)
-            total_out = float(basis.spectrum_out.sum()) or 1.0
-            slot_meta[module] = {
-                "shape": list(shapes[module]),
-                "k_out": basis.k_out,
-                "k_in": basis.k_in,
-                "k_capped": basis.capped,
-                "tasks": [t.name for t in members],
-                "total_rank": sum(d.rank for d in deltas),
-                "captured_energy": captured_energy(deltas, basis, settings.normalize),
-                "spectrum_out": [float(x) / total_out for x in basis.spectrum_out[:SPECTRUM_KEEP]],
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise SubspaceError("already exists; choose another path or pass --overwrite", out)
+        dtype = settings.dtype
+        fitted = SubspaceBasis(settings, device=device, progress=progress)
+
+        def encode(module: str, basis: SlotBasis, slot: SlotDeltas) -> tuple[dict, dict[str, EncodedSlot]]:
+            file_tensors, readback = basis_tensors({module: (basis.U.cpu(), basis.V.cpu())}, dtype)
+            U, V = (t.to(slot.device) for t in readback[module])
+            return file_tensors, {
+                task.name: encode_slot(task, module, delta, U, V, dtype) for task, delta in slot.with_tasks()
             }
-        basis_file, stored_bases = basis_tensors(fitted, settings.dtype)
+
+        per_slot = fitted.fit_slots(tasks, visit=encode, base=base)
+        ranks = fitted.ranks_
+        _hash_sources(tasks, ranks, progress)
+        if ranks.main:
+            cls._write(Path(out), tasks, fitted, per_slot, settings, base, overwrite, progress)
+        ranks.barrier()
+        return cls(out)
+
+    @staticmethod
+    def _write(
+        out: Path,
+        tasks: list[TaskSource],
+        fitted: SubspaceBasis,
+        per_slot: dict[str, tuple[dict, dict[str, EncodedSlot]]],
+        settings: SubspaceSettings,
+        base: Checkpoint | None,
+        overwrite: bool,
+        progress: bool,
+    ) -> None:
+        """Write basis, task files (one at a time, heads read as each is written) and the manifest last."""
+        slot_meta: dict[str, Any] = {}
+        basis_file: dict[str, torch.Tensor] = {}
+        for module, (file_tensors, _) in per_slot.items():
+            basis_file.update(file_tensors)
+            total_out = fitted.spectrum_total_[module] or 1.0
+            k_out, k_in = fitted.k_[module]
+            slot_meta[module] = {
+                "shape": list(fitted.shapes_[module]),
+                "k_out": k_out,
+                "k_in": k_in,
+                "k_capped": fitted.capped_[module],
+                "tasks": fitted.members_[module],
+                "total_rank": sum(t.ranks[module] for t in tasks if module in t.shapes),
+                "captured_energy": fitted.captured_energy_[module],
+                "spectrum_out": [float(x) / total_out for x in fitted.spectrum_[module][:SPECTRUM_KEEP]],
+            }
+            if fitted.solver_[module] != "exact":
+                slot_meta[module]["solver"] = fitted.solver_[module]
         basis_data = tensors_to_bytes(basis_file, metadata={"format": FORMAT})
-        task_files: dict[str, bytes] = {}
         entries: dict[str, Any] = {}
-        for task in tqdm(tasks, desc="project tasks", disable=None if progress else True):
-            task_files[task.name], entries[task.name] = _encode_task(
-                task, stored_bases, settings.dtype, added=False
-            )
-        manifest = {
-            "format": FORMAT,
-            "base_model": base.identity() if base is not None else None,
-            "settings": settings.model_dump(),
-            "slots": slot_meta,
-            "tasks": entries,
-            "files": {BASIS: sha256_bytes(basis_data)}
-            | {task_file(name): sha256_bytes(data) for name, data in task_files.items()},
-        }
-        with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+        hashes = {BASIS: sha256_bytes(basis_data)}
+        with atomic_directory(out, overwrite=overwrite) as tmp:
             (tmp / BASIS).write_bytes(basis_data)
             (tmp / "tasks").mkdir()
-            for name, data in task_files.items():
-                (tmp / task_file(name)).write_bytes(data)
+            for task in tqdm(tasks, desc="write tasks", disable=None if progress else True, leave=False):
+                slots = {
+                    m: by_task[task.name] for m, (_, by_task) in per_slot.items() if task.name in by_task
+                }
+                data, entries[task.name] = _task_file_and_entry(task, slots, settings.dtype, added=False)
+                (tmp / task_file(task.name)).write_bytes(data)
+                hashes[task_file(task.name)] = sha256_bytes(data)
+            manifest = {
+                "format": FORMAT,
+                "base_model": base.identity() if base is not None else None,
+                "settings": settings_record(settings),
+                "slots": slot_meta,
+                "tasks": entries,
+                "files": hashes,
+            }
             (tmp / MANIFEST).write_bytes(manifest_bytes(manifest))
-        return cls(out)
 
     # ---- reading --------------------------------------------------------------------------------------
     @property
@@ -268,37 +305,29 @@ class SubspaceStore:
         """The task's verbatim tensors (heads from modules_to_save, lora biases), under their PEFT keys."""
         return self.files.task(name)[1]
 
+    def fitted(self) -> SubspaceBasis:
+        """The store's bases as a fitted SubspaceBasis (values as stored), for transform and score."""
+        shapes = {m: tuple(meta["shape"]) for m, meta in self.manifest["slots"].items()}
+        bases = {m: self.basis(m) for m in self.slots}
+        return SubspaceBasis.from_bases(bases, shapes)  # type: ignore[arg-type]
+
     def project(self, task: TaskSource | str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
         """Cores of an adapter on this store's bases, without writing anything."""
         source = task if isinstance(task, TaskSource) else lora_task(task, allow_pickle=allow_pickle)
-        bases = self._bases_for(source)
-        return {module: delta.project(*bases[module]) for module, delta in source.slots.items()}
-
-    def _bases_for(self, source: TaskSource) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        missing = sorted(set(source.slots) - set(self.manifest["slots"]))
-        if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise SubspaceError(
-                f"targets {len(missing)} module(s) the store has no basis for ({shown}); recompress with this "
-                "adapter in the recipe",
-                source.source,
-            )
-        for module, delta in source.slots.items():
-            expected = tuple(self.manifest["slots"][module]["shape"])
-            if delta.shape != expected:
-                raise SubspaceError(
-                    f"shapes do not fit the store: module '{module}' is {delta.shape}, the store's slot is {expected}",
-                    source.source,
-                )
-        return {module: self.basis(module) for module in source.slots}
+        return self.fitted().transform(source)
 
     # ---- changing -------------------------------------------------------------------------------------
     def add(
-        self, adapter: str | Path | TaskSource, name: str | None = None, allow_pickle: bool = False
+        self,
+        adapter: str | Path | TaskSource,
+        name: str | None = None,
+        allow_pickle: bool = False,
+        device: str = "cpu",
     ) -> dict:
         """Project one more adapter onto the existing bases; writes its small task file, then the manifest.
 
         Returns the task's manifest entry with its name (rel_error tells how much the basis could not hold).
+        Under torchrun the slots are shared out over the ranks and rank 0 writes.
         """
         source = (
             adapter
@@ -306,13 +335,35 @@ class SubspaceStore:
             else lora_task(adapter, name, allow_pickle=allow_pickle)
         )
         check_unique_names([source], taken=set(self.manifest["tasks"]))
-        bases = self._bases_for(source)
-        data, entry = _encode_task(source, bases, self.manifest["settings"]["dtype"], added=True)
-        manifest = copy.deepcopy(self.manifest)
-        manifest["tasks"][source.name] = entry
-        manifest["files"][task_file(source.name)] = sha256_bytes(data)
-        self.files.write_task_and_manifest(source.name, data, manifest)
-        return {"name": source.name, **entry}
+        device = check_device(device)
+        self._check_fits(source)
+        dtype = self.manifest["settings"]["dtype"]
+        ranks = parallel.current(device)
+
+        def encode(module: str) -> EncodedSlot:
+            U, V = (t.to(device) for t in self.basis(module))
+            delta = source.slots[module]
+            if device != "cpu":
+                delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
+            return encode_slot(source, module, delta, U, V, dtype)
+
+        modules = sorted(source.shapes)
+        costs = {m: float(sum(source.shapes[m]) * source.ranks[m]) for m in modules}
+        slots = parallel.map_shared(ranks, modules, costs, encode, "project", progress=False)
+        if ranks.main:
+            data, entry = _task_file_and_entry(source, slots, dtype, added=True)
+            manifest = copy.deepcopy(self.manifest)
+            manifest["tasks"][source.name] = entry
+            manifest["files"][task_file(source.name)] = sha256_bytes(data)
+            self.files.write_task_and_manifest(source.name, data, manifest)
+        ranks.barrier()
+        if not ranks.main:
+            self.files = StoreFiles(self.path)
+        return {"name": source.name, **self.manifest["tasks"][source.name]}
+
+    def _check_fits(self, source: TaskSource) -> None:
+        shapes = {m: tuple(meta["shape"]) for m, meta in self.manifest["slots"].items()}
+        SubspaceBasis.from_bases({}, shapes).check_task(source)
 
     # ---- reconstructing -------------------------------------------------------------------------------
     def task_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -368,7 +419,7 @@ class SubspaceStore:
                 key: meta[key]
                 for key in ("shape", "k_out", "k_in", "k_capped", "total_rank", "captured_energy")
             }
-            | {"tasks": len(meta["tasks"])}
+            | {"tasks": len(meta["tasks"]), "solver": meta.get("solver", "exact")}
             for module, meta in sorted(self.manifest["slots"].items())
         }
         return {

@@ -198,16 +198,16 @@ def test_failed_overwrite_keeps_previous_store(
 
     import mergekit_subspace.subspace as subspace
 
-    real = subspace._encode_task
+    real = subspace._task_file_and_entry
     calls = {"n": 0}
 
     def crash_midway(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise RuntimeError("simulated crash while projecting")
+            raise RuntimeError("simulated crash while writing tasks")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(subspace, "_encode_task", crash_midway)
+    monkeypatch.setattr(subspace, "_task_file_and_entry", crash_midway)
     result = run_compress(tmp_path, tiny_bert, [str(g) for g in good], ("--overwrite",))
     assert result.exit_code != 0
     after = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}

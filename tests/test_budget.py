@@ -9,10 +9,12 @@ import torch
 from conftest import peft_logits
 from test_store import compress_zoo
 
-from mergekit_subspace.budget import allocate, core_numbers
+from mergekit_subspace.budget import core_numbers
 from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.fit import SubspaceBasis
 from mergekit_subspace.lowrank import LowRankDelta
 from mergekit_subspace.recipe import SubspaceSettings
+from mergekit_subspace.sources import delta_task
 from mergekit_subspace.subspace import SubspaceStore
 
 
@@ -24,10 +26,19 @@ def _deltas(count: int, rank: int, m: int = 64, seed: int = 0) -> list[LowRankDe
     ]
 
 
+def _sizes(slots: dict[str, list[LowRankDelta]], budget_numbers: int, **settings: object) -> dict:
+    """(k_out, k_in) per slot that the fit chooses under a float32 budget of `budget_numbers` numbers."""
+    tasks = [
+        delta_task(f"t{i}", {m: deltas[i] for m, deltas in slots.items() if i < len(deltas)})
+        for i in range(max(len(d) for d in slots.values()))
+    ]
+    return SubspaceBasis(budget_bytes=4 * budget_numbers, **settings).fit(tasks).k_
+
+
 def test_budget_goes_where_energy_is_left_and_is_never_exceeded() -> None:
     slots = {"busy": _deltas(8, 4, seed=1), "done": _deltas(1, 2, seed=2)}
     budget = 6000
-    sizes = allocate(slots, budget, k_max=64)
+    sizes = _sizes(slots, budget, k=64)
     assert sizes["done"] == (2, 2)  # its whole rank fits in k = 2: more would buy nothing
     assert sizes["busy"][0] > 8
     spent = sum(
@@ -36,13 +47,22 @@ def test_budget_goes_where_energy_is_left_and_is_never_exceeded() -> None:
     )
     assert spent <= budget
     # a bigger budget never gives a slot less
-    more = allocate(slots, 2 * budget, k_max=64)
+    more = _sizes(slots, 2 * budget, k=64)
     assert all(more[m][0] >= sizes[m][0] for m in slots)
 
 
 def test_k_in_stays_fixed_when_given() -> None:
-    sizes = allocate({"s": _deltas(6, 4)}, 100_000, k_max=32, k_in=8)
+    sizes = _sizes({"s": _deltas(6, 4)}, 100_000, k=32, k_in=8)
     assert sizes["s"] == (24, 8)  # k_out capped by the slot's total rank (24), k_in as asked
+
+
+def test_randomized_solver_sizes_slots_too() -> None:
+    """The budget reads its curves off whichever solver fits the slot."""
+    slots = {"busy": _deltas(40, 4, seed=3), "done": _deltas(2, 2, seed=4)}
+    exact = _sizes(slots, 9000, k=48, solver="exact")
+    randomized = _sizes(slots, 9000, k=48, solver="randomized", oversample=16)
+    assert randomized["done"] == exact["done"] == (4, 4)
+    assert abs(randomized["busy"][0] - exact["busy"][0]) <= 4  # one step of the greedy at most
 
 
 def test_budgeted_store_fits_and_reconstructs(tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path) -> None:

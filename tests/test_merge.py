@@ -504,9 +504,20 @@ def _head_centred_at(base: Path, adapter: Path, texts: list[str], scale: float, 
     return out
 
 
-def test_budget_bytes_is_refused_for_an_in_memory_basis(two_bert: list[Path], tmp_path: Path) -> None:
+def test_budget_bytes_sizes_the_in_memory_basis_as_compress_does(two_bert: list[Path], tmp_path: Path) -> None:
+    """Merging from adapters fits the same SubspaceBasis as compress, so a byte budget means the same."""
+    from mergekit_subspace.fit import SubspaceBasis
+    from mergekit_subspace.recipe import SubspaceSettings
+    from mergekit_subspace.sources import lora_task
+
+    settings = {"k": 8, "budget_bytes": 2_000}
     recipe = _adapters_recipe(two_bert, "task_arithmetic", tmp_path / "out")
-    recipe["subspace"] = {"budget_bytes": 10_000}
+    recipe["subspace"] = settings
     code, output = run_recipe(tmp_path, recipe)
-    assert code == 2 and "budget_bytes" in output and "compress with a budget first" in output
-    assert not (tmp_path / "out").exists()
+    assert code == 0, output
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["basis"]["budget_bytes"] == 2_000
+    chosen = SubspaceBasis(SubspaceSettings(**settings)).fit([lora_task(p) for p in two_bert]).k_
+    assert len(set(chosen.values())) > 1  # the budget gave the slots different sizes
+    ranks = {m: s["rank"] for m, s in report["slots"].items()}
+    assert all(ranks[m] <= chosen[m][0] for m in ranks)

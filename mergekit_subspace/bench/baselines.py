@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_subspace.basis import fit_slot_basis
+from mergekit_subspace.fit import SubspaceBasis
 from mergekit_subspace.lowrank import COMPUTE_DTYPE, LowRankDelta, core_to_factors, stored_error_sq
+from mergekit_subspace.recipe import SubspaceSettings
 from mergekit_subspace.sources import TaskSource
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -50,25 +51,30 @@ def leave_one_out(
     tasks: list[TaskSource],
     index: int,
     sizes: dict[str, tuple[int, int]],
-    normalize: bool = True,
+    settings: SubspaceSettings,
 ) -> tuple[Factors, float]:
-    """Fit each slot's basis without task `index` at the store's (k_out, k_in) for that slot, project the task,
-    return its factors and relative error."""
+    """Fit the store's basis without task `index` (each slot at the store's own (k_out, k_in)), project the
+    task onto it, return its factors and relative error."""
     held_out = tasks[index]
     others = [t for i, t in enumerate(tasks) if i != index]
+    shared = sorted(m for m in held_out.shapes if any(m in t.shapes for t in others))
     factors: Factors = {}
     err = norm = 0.0
-    for module, delta in held_out.slots.items():
-        peers = [t.slots[module] for t in others if module in t.slots]
+    fitted = None
+    if shared:
+        fitted = SubspaceBasis(settings, sizes={m: sizes[m] for m in shared}).fit(others, modules=shared)
+    for module in sorted(held_out.shapes):
+        delta = held_out.slots[module]
         norm += delta.norm_sq()
-        if not peers:  # nothing else touches this slot: a fresh basis would know nothing of it
+        if (
+            fitted is None or module not in fitted.bases_
+        ):  # nothing else touches it: a fresh basis knows nothing
             err += delta.norm_sq()
             continue
-        k_out, k_in = sizes[module]
-        basis = fit_slot_basis(peers, k=k_out, normalize=normalize, k_in=k_in)
-        core = delta.project(basis.U, basis.V)
-        err += stored_error_sq(delta, basis.U, core, basis.V)
-        factors[module] = core_to_factors(basis.U, core, basis.V, min(delta.rank, *core.shape))
+        U, V = fitted.bases_[module]
+        core = delta.project(U, V)
+        err += stored_error_sq(delta, U, core, V)
+        factors[module] = core_to_factors(U, core, V, min(delta.rank, *core.shape))
     return factors, (err / norm) ** 0.5 if norm else 0.0
 
 

@@ -179,7 +179,7 @@ def run_bench(
             row["per_task_svd_rank"] = svd_rank
             if recipe.leave_one_out and len(tasks) > 1:
                 loo_factors, loo_error = baselines.leave_one_out(
-                    tasks, tasks.index(task), slot_sizes, settings.normalize
+                    tasks, tasks.index(task), slot_sizes, settings
                 )
                 row["leave_one_out"] = (
                     judge.factors(loo_factors, task, "loo") if loo_factors else row["base_only"]

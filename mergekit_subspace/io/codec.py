@@ -99,31 +99,49 @@ class PackedCores:
     layouts: list[SlotLayout]
 
 
+@dataclass
+class EncodedCore:
+    """One slot's core as it goes into a task file: the stored matrices (flattened), their int8 scales,
+    its layout, and the core as it will read back (for honest errors)."""
+
+    pieces: list[torch.Tensor]
+    scales: list[float]
+    layout: SlotLayout
+    readback: torch.Tensor
+
+
+def encode_core(module: str, core: torch.Tensor, rank: int, dtype: str) -> EncodedCore:
+    """Encode one float64 core: dense, or its rank-rho factors when smaller."""
+    factors = split_core(core, rank)
+    matrices = [core] if factors is None else list(factors)
+    pieces, scales, decoded = [], [], []
+    for matrix in matrices:
+        stored, scale = encode(matrix, dtype)
+        pieces.append(stored.reshape(-1))
+        decoded.append(decode(stored, scale).to(COMPUTE_DTYPE))
+        if scale is not None:
+            scales.append(scale)
+    rho = 0 if factors is None else factors[0].shape[1]
+    readback = decoded[0] if factors is None else decoded[0] @ decoded[1]
+    return EncodedCore(pieces, scales, SlotLayout(module, core.shape[0], core.shape[1], rho), readback)
+
+
+def assemble_cores(encoded: list[EncodedCore], dtype: str) -> PackedCores:
+    """A task's packed tensor from its slots' encoded cores, in slot (sorted module) order."""
+    ordered = sorted(encoded, key=lambda e: e.layout.module)
+    pieces = [piece for e in ordered for piece in e.pieces]
+    scales = [scale for e in ordered for scale in e.scales]
+    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=number_dtype(dtype))
+    scale_tensor = torch.tensor(scales, dtype=torch.float32) if dtype == "int8" else None
+    return PackedCores(flat, scale_tensor, [e.layout for e in ordered])
+
+
 def pack_cores(
     cores: dict[str, torch.Tensor], ranks: dict[str, int], dtype: str
 ) -> tuple[PackedCores, dict[str, torch.Tensor]]:
     """Pack float64 cores (sorted by module); also returns each core as it will read back, for honest errors."""
-    pieces: list[torch.Tensor] = []
-    scales: list[float] = []
-    layouts: list[SlotLayout] = []
-    readback: dict[str, torch.Tensor] = {}
-    for module in sorted(cores):
-        core = cores[module]
-        factors = split_core(core, ranks[module])
-        matrices = [core] if factors is None else list(factors)
-        decoded = []
-        for matrix in matrices:
-            stored, scale = encode(matrix, dtype)
-            pieces.append(stored.reshape(-1))
-            decoded.append(decode(stored, scale).to(COMPUTE_DTYPE))
-            if scale is not None:
-                scales.append(scale)
-        rho = 0 if factors is None else factors[0].shape[1]
-        layouts.append(SlotLayout(module, core.shape[0], core.shape[1], rho))
-        readback[module] = decoded[0] if factors is None else decoded[0] @ decoded[1]
-    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=number_dtype(dtype))
-    scale_tensor = torch.tensor(scales, dtype=torch.float32) if dtype == "int8" else None
-    return PackedCores(flat, scale_tensor, layouts), readback
+    encoded = [encode_core(module, cores[module], ranks[module], dtype) for module in sorted(cores)]
+    return assemble_cores(encoded, dtype), {e.layout.module: e.readback for e in encoded}
 
 
 def unpack_cores(packed: PackedCores) -> dict[str, list[torch.Tensor]]:

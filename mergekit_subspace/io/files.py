@@ -56,6 +56,61 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise SubspaceError(f"not a readable safetensors file ({exc})", path) from exc
 
 
+class TensorFile:
+    """A safetensors file read lazily (header now, tensors on request), or an in-memory state dict.
+
+    Shapes and dtypes come from the header, so a zoo can be checked before any tensor is read; every read
+    opens the file anew and checks the values, so nothing stays in memory between reads.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.path = path
+        self._tensors = tensors
+        if tensors is not None:
+            self.shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+            self.dtypes = {key: t.dtype for key, t in tensors.items()}
+            return
+        if not path.is_file():
+            raise SubspaceError("file not found", path)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                slices = {key: handle.get_slice(key) for key in handle.keys()}
+                self.shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+                self.dtypes = {key: _SAFETENSORS_DTYPES.get(s.get_dtype()) for key, s in slices.items()}
+        except Exception as exc:  # safetensors raises its own error types and OSError for truncation
+            raise SubspaceError(f"not a readable safetensors file ({exc})", path) from exc
+
+    def keys(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, checked finite; a damaged file is named in the error."""
+        if self._tensors is not None:
+            tensors = {key: self._tensors[key] for key in keys}
+        else:
+            try:
+                with safe_open(str(self.path), framework="pt") as handle:
+                    tensors = {key: handle.get_tensor(key) for key in keys}
+            except Exception as exc:
+                raise SubspaceError(f"not a readable safetensors file ({exc})", self.path) from exc
+        check_finite(tensors, self.path)
+        return tensors
+
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def load_pickle_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """Load a legacy .bin state dict only on request, and never with code execution."""
     if not allow_pickle:

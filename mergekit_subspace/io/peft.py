@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,13 @@ import torch
 
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.files import (
+    TensorFile,
     atomic_directory,
     json_bytes,
     load_pickle_weights,
-    load_safetensors,
     read_json,
     sha256_bytes,
+    sha256_file,
     tensors_to_bytes,
 )
 from mergekit_subspace.lowrank import LowRankDelta
@@ -43,21 +45,33 @@ _REFUSED_FLAGS = {
 
 @dataclass
 class LoraAdapter:
-    """One PEFT LoRA adapter as factored slots plus every other tensor kept as it was."""
+    """One PEFT LoRA adapter as factored slots plus every other tensor kept as it was.
+
+    `slots` and `extras` are lazy mappings: the folder's config and safetensors header are read and checked
+    at once, but a slot's two factors (or a head) are read only when asked for, so a zoo of thousands of
+    adapters can be walked slot by slot in the memory of one slot.
+    """
 
     path: Path
     config: dict[str, Any]
-    slots: dict[str, LowRankDelta]
-    extras: dict[str, torch.Tensor]
+    slots: Mapping[str, LowRankDelta]
+    extras: Mapping[str, torch.Tensor]
     alphas: dict[str, float]
     dtype: str
-    source_sha256: str
+    weights_path: Path
     source_bytes: int
+    shapes: dict[str, tuple[int, int]]
+    ranks: dict[str, int]
     files: list[str] = field(default_factory=list)
+    _sha256: str | None = None
 
     @property
-    def ranks(self) -> dict[str, int]:
-        return {module: delta.rank for module, delta in self.slots.items()}
+    def source_sha256(self) -> str:
+        """sha256 over the config's and the weights' digests, hashed in blocks on first use."""
+        if self._sha256 is None:
+            config_digest = sha256_bytes((self.path / CONFIG_NAME).read_bytes())
+            self._sha256 = sha256_bytes(config_digest.encode() + sha256_file(self.weights_path).encode())
+        return self._sha256
 
 
 def module_path(key_module: str) -> str:
@@ -93,40 +107,88 @@ def _validate_config(config: Any, path: Path) -> dict[str, Any]:
     return config
 
 
-def _read_weights(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
+def _weights_file(folder: Path, allow_pickle: bool) -> TensorFile:
     safe = folder / WEIGHTS_NAME
     if safe.is_file():
-        return load_safetensors(safe), safe
+        return TensorFile(safe)
     pickled = folder / PICKLE_WEIGHTS_NAME
     if pickled.is_file():
-        return load_pickle_weights(pickled, allow_pickle), pickled
+        return TensorFile(pickled, load_pickle_weights(pickled, allow_pickle))
     raise SubspaceError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) in the adapter folder", folder)
 
 
+class LazySlots(Mapping[str, LowRankDelta]):
+    """module -> LowRankDelta, each read from the weights file when it is looked up (never cached)."""
+
+    def __init__(
+        self, weights: TensorFile, keys: dict[str, tuple[str, str]], scales: dict[str, float]
+    ) -> None:
+        self._weights, self._keys, self._scales = weights, keys, scales
+
+    def __getitem__(self, module: str) -> LowRankDelta:
+        key_a, key_b = self._keys[module]
+        tensors = self._weights.read([key_a, key_b])
+        return LowRankDelta(B=tensors[key_b], A=tensors[key_a], scale=self._scales[module])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class LazyExtras(Mapping[str, torch.Tensor]):
+    """PEFT key -> tensor for everything that is not a lora_A/lora_B pair, read on lookup.
+
+    A lora_B bias is scaled by its module's alpha / r on read: PEFT scales the bias with the rest of the
+    branch, and the store writes adapters back at scale 1.
+    """
+
+    def __init__(self, weights: TensorFile, keys: list[str], scales: dict[str, float]) -> None:
+        self._weights, self._keys, self._scales = weights, sorted(keys), scales
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._scales and key not in self._keys:
+            raise KeyError(key)
+        tensor = self._weights.read([key])[key]
+        return tensor * self._scales[key] if key in self._scales else tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def read_lora_adapter(folder: str | Path, allow_pickle: bool = False) -> LoraAdapter:
-    """Parse a PEFT LoRA folder into factored slots with their true scales (rsLoRA and alpha_pattern applied)."""
+    """Parse a PEFT LoRA folder into lazily read factored slots with their true scales (rsLoRA and
+    alpha_pattern applied). Config and safetensors header are checked now; tensors are read on use."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SubspaceError("adapter folder not found", folder)
     config_path = folder / CONFIG_NAME
     config = _validate_config(read_json(config_path), config_path)
-    tensors, weights_path = _read_weights(folder, allow_pickle)
+    weights = _weights_file(folder, allow_pickle)
+    weights_path = weights.path
 
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    extras: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
+    pairs: dict[str, dict[str, str]] = {}
+    extra_keys: list[str] = []
+    for key in weights.keys():
         match = _LORA_KEY.match(key)
-        if match is None or tensor.ndim != 2:
-            extras[key] = tensor
+        if match is None or len(weights.shapes[key]) != 2:
+            extra_keys.append(key)
             continue
-        pairs.setdefault(module_path(match["module"]), {})[match["side"]] = tensor
+        pairs.setdefault(module_path(match["module"]), {})[match["side"]] = key
     if not pairs:
         raise SubspaceError("holds no lora_A / lora_B weights", weights_path)
 
     rslora = bool(config.get("use_rslora", False))
     default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
     alpha_pattern = config.get("alpha_pattern") or {}
-    slots: dict[str, LowRankDelta] = {}
+    keys: dict[str, tuple[str, str]] = {}
+    scales: dict[str, float] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     dtypes: set[torch.dtype] = set()
     for module in sorted(pairs):
@@ -134,35 +196,44 @@ def read_lora_adapter(folder: str | Path, allow_pickle: bool = False) -> LoraAda
         if set(sides) != {"A", "B"}:
             missing = "lora_B" if "B" not in sides else "lora_A"
             raise SubspaceError(f"module '{module}' has no {missing} weight", weights_path)
-        A, B = sides["A"], sides["B"]
-        if A.shape[0] != B.shape[1]:
+        (rank, n), (m, rank_b) = weights.shapes[sides["A"]], weights.shapes[sides["B"]]
+        if rank != rank_b:
             raise SubspaceError(
-                f"module '{module}': lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} have different ranks",
+                f"module '{module}': lora_A {(rank, n)} and lora_B {(m, rank_b)} have different ranks",
                 weights_path,
             )
+        if rank < 1:
+            raise SubspaceError(f"module '{module}' has rank 0 factors; nothing to store", weights_path)
+        for key in (sides["A"], sides["B"]):
+            dtype = weights.dtypes[key]
+            if dtype is None or not dtype.is_floating_point:
+                raise SubspaceError(
+                    f"tensor '{key}' is not floating point; LoRA factors must be", weights_path
+                )
+            dtypes.add(dtype)
         alpha = float(pattern_value(alpha_pattern, module, default_alpha))
         alphas[module] = alpha
-        slots[module] = LowRankDelta(B=B, A=A, scale=lora_scale(alpha, int(A.shape[0]), rslora))
-        dtypes.update((A.dtype, B.dtype))
+        keys[module] = (sides["A"], sides["B"])
+        scales[module] = lora_scale(alpha, rank, rslora)
+        shapes[module], ranks[module] = (m, n), rank
 
-    # PEFT scales lora_B's bias with alpha / r like the rest of the branch; written back at scale 1, it must
-    # carry that scale itself
-    for key in list(extras):
+    bias_scales = {}
+    for key in extra_keys:
         bias = _LORA_BIAS_KEY.match(key)
-        if bias is not None and module_path(bias["module"]) in slots:
-            extras[key] = extras[key] * slots[module_path(bias["module"])].scale
+        if bias is not None and module_path(bias["module"]) in scales:
+            bias_scales[key] = scales[module_path(bias["module"])]
 
-    config_bytes = config_path.read_bytes()
-    weight_bytes = weights_path.read_bytes()
     return LoraAdapter(
         path=folder,
         config=config,
-        slots=slots,
-        extras=extras,
+        slots=LazySlots(weights, keys, scales),
+        extras=LazyExtras(weights, extra_keys, bias_scales),
         alphas=alphas,
         dtype=str(sorted(dtypes, key=str)[0]).removeprefix("torch."),
-        source_sha256=sha256_bytes(sha256_bytes(config_bytes).encode() + sha256_bytes(weight_bytes).encode()),
-        source_bytes=len(config_bytes) + len(weight_bytes),
+        weights_path=weights_path,
+        source_bytes=config_path.stat().st_size + weights_path.stat().st_size,
+        shapes=shapes,
+        ranks=ranks,
         files=[CONFIG_NAME, weights_path.name],
     )
 

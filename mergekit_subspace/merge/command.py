@@ -46,17 +46,24 @@ validation data with its scores, and timings.
     "--allow-pickle", is_flag=True, help="Accept .bin adapters, loaded with torch.load(weights_only=True)."
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def merge(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, quiet: bool) -> None:
+@click.option(
+    "--device", default="cpu", show_default=True, help="Torch device for fitting a basis on `adapters:`."
+)
+def merge(
+    recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, quiet: bool, device: str
+) -> None:
     from mergekit_subspace.merge.run import REPORT
     from mergekit_subspace.merge.run import merge as run_merge
 
     try:
         result = run_merge(
-            recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet
+            recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet, device=device
         )
     except SubspaceError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    if result is None:  # another rank of a torchrun merge: rank 0 reports
+        return
     report = result.report
     line = f"merged {len(report['tasks'])} task(s) with {report['method']} (lambda {report['lambda']:g}"
     if report["lambda_source"] == "validation":

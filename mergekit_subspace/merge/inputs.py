@@ -2,7 +2,8 @@
 
 Both sources end up as the same in-memory CoreSet, so the methods never know where the cores came from.
 From `adapters:` the basis is fitted on exactly those adapters (by default with k = the slot's total rank,
-which holds every adapter exactly), in float64, without writing a store.
+which holds every adapter exactly), in float64, without writing a store, by the same SubspaceBasis fit
+that compress uses (so `budget_bytes`, `energy` and the solver settings mean the same there).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from typing import Any
 
 import torch
 
-from mergekit_subspace.basis import fit_slot_basis
 from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.fit import SubspaceBasis
 from mergekit_subspace.io.checkpoint import Checkpoint
 from mergekit_subspace.lowrank import COMPUTE_DTYPE
 from mergekit_subspace.recipe import SubspaceSettings, check_task_name, expand_entries
-from mergekit_subspace.sources import TaskSource, check_unique_names, lora_task, slot_shapes
+from mergekit_subspace.sources import TaskSource, check_unique_names, lora_task
 from mergekit_subspace.subspace import SubspaceStore
 
 EXACT_K = 1_000_000  # capped per slot at its total rank, i.e. exact
@@ -122,35 +123,20 @@ def from_adapters(
     settings: SubspaceSettings | None,
     base: Checkpoint | None,
     recipe_base: str | None,
+    device: str = "cpu",
 ) -> CoreSet:
-    """Fit a basis on exactly these adapters and project them, all in memory."""
+    """Fit a basis on exactly these adapters and project them, slot by slot, without writing a store.
+
+    Under torchrun the slots are shared out over the ranks; the CoreSet is complete on rank 0 only."""
     _check_same_base(sources, recipe_base)
-    shapes = slot_shapes(sources, base)
     settings = settings or SubspaceSettings(k=EXACT_K)
-    if settings.budget_bytes is not None:
-        raise SubspaceError(
-            "subspace.budget_bytes sizes a stored zoo; a merge fits its basis at one k (use subspace.k), "
-            "or compress with a budget first and merge from the store"
-        )
-    bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    cores: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in sources}
-    for module in sorted(shapes):
-        members = [t for t in sources if module in t.slots]
-        fitted = fit_slot_basis(
-            [t.slots[module] for t in members],
-            k=settings.k,
-            energy=settings.energy,
-            normalize=settings.normalize,
-            refine=settings.refine,
-            k_in=settings.k_in,
-        )
-        bases[module] = (fitted.U, fitted.V)
-        for task in members:
-            cores[task.name][module] = task.slots[module].project(fitted.U, fitted.V)
+    fitted = SubspaceBasis(settings, device=device)
+    cores = fitted.fit_transform(sources, base=base)
+    bases = {m: (U.to(COMPUTE_DTYPE), V.to(COMPUTE_DTYPE)) for m, (U, V) in fitted.bases_.items()}
     first_base = next((t.peft_config.get("base_model_name_or_path") for t in sources), None)
     return CoreSet(
         bases=bases,
-        shapes=shapes,
+        shapes=fitted.shapes_,
         cores=cores,
         tasks={t.name: TaskInputs(t.name, dict(t.peft_config), t.extras, t.dtype) for t in sources},
         base_model=recipe_base or (str(first_base) if first_base else None),

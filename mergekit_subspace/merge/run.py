@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mergekit_subspace import parallel
 from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.fit import check_device
 from mergekit_subspace.io.checkpoint import Checkpoint
 from mergekit_subspace.io.files import atomic_directory, json_bytes
 from mergekit_subspace.io.peft import write_lora_adapter
@@ -270,10 +272,12 @@ def merge(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
-) -> MergeResult:
+    device: str = "cpu",
+) -> MergeResult | None:
     """Run a merge recipe (a YAML path, a dict of the same keys, or a MergeRecipe).
 
-    Returns the output folder, the written model folders and the merge report.
+    Returns the output folder, the written model folders and the merge report. Under torchrun a merge from
+    `adapters:` fits its basis on all ranks; rank 0 merges and writes, and the other ranks return None.
     """
     started = time.perf_counter()
     recipe_path = None
@@ -299,14 +303,19 @@ def merge(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     base_ckpt = Checkpoint(recipe.base_model, allow_pickle=allow_pickle) if recipe.base_model else None
+    ranks = parallel.current(check_device(device))
     if recipe.store:
+        if not ranks.main:
+            return None  # nothing to share out: rank 0 merges the stored cores alone
         wanted = [t.name for t in recipe.tasks] if recipe.tasks is not None else None
         cores = merge_inputs.from_store(recipe.store, wanted)
     else:
         sources = merge_inputs.load_adapters(recipe.adapters, recipe_path, allow_pickle)
         seconds["read"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        cores = merge_inputs.from_adapters(sources, recipe.subspace, base_ckpt, recipe.base_model)
+        cores = merge_inputs.from_adapters(sources, recipe.subspace, base_ckpt, recipe.base_model, device)
+        if not ranks.main:
+            return None
         seconds["basis"] = time.perf_counter() - clock
         clock = time.perf_counter()
     names = _task_order(recipe, list(cores.tasks), where)
