@@ -9,7 +9,7 @@ the basis is gauge-free.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +171,10 @@ def slot_seed(module: str) -> int:
     return int(hashlib.sha256(module.encode()).hexdigest()[:15], 16)
 
 
+SKETCH_DTYPE = torch.float32  # the passes over the zoo; the small Ritz problems are solved in float64
+BLOCK_COLUMNS = 1024  # adapters of one rank are stacked into blocks of about this many factor columns
+
+
 @dataclass
 class RandomizedFit:
     """What the randomized solver learns about one slot: the Ritz bases and the task coordinates in them."""
@@ -179,17 +183,54 @@ class RandomizedFit:
     V: torch.Tensor  # n x l_in
     spectrum_out: torch.Tensor  # Ritz values (squared singular values of Y), descending
     spectrum_in: torch.Tensor
-    coords: list[torch.Tensor]  # per task, U^T D_i V (l_out x l_in): two-sided energy of any prefix
-    weights: list[float]
-    norms_sq: list[float]
+    coords: torch.Tensor  # tasks x l_out x l_in: U^T D_i V, the two-sided energy of any prefix
+    weights: torch.Tensor  # per task w_i (float64)
+    norms_sq: torch.Tensor  # per task ||D_i||^2 (float64)
 
     def capture(self, k_out: int, k_in: int) -> float:
         """Weighted share of the zoo that the first k_out / k_in directions keep (exact for these bases)."""
-        kept = total = 0.0
-        for w, c, nsq in zip(self.weights, self.coords, self.norms_sq, strict=True):
-            kept += w * w * float(torch.sum(c[:k_out, :k_in] ** 2))
-            total += w * w * nsq
+        w2 = self.weights**2
+        total = float(torch.sum(w2 * self.norms_sq))
+        kept = float(torch.sum(w2 * torch.sum(self.coords[:, :k_out, :k_in].double() ** 2, dim=(1, 2))))
         return 1.0 if total == 0 else kept / total
+
+
+@dataclass
+class FactorBlock:
+    """Consecutive adapters of one rank, stacked: B (m x b r), A (b r x n), scale folded into B, float32."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    count: int
+    rank: int
+
+    def per_task(self, stacked_columns: torch.Tensor) -> torch.Tensor:
+        """(rows x b r) -> (b x rows x r): the columns that belong to each adapter."""
+        return stacked_columns.reshape(stacked_columns.shape[0], self.count, self.rank).permute(1, 0, 2)
+
+    def deltas(self) -> Iterator[LowRankDelta]:
+        """The block's adapters again, as views (scale folded in, so scale 1)."""
+        r = self.rank
+        for i in range(self.count):
+            yield LowRankDelta(B=self.B[:, i * r : (i + 1) * r], A=self.A[i * r : (i + 1) * r])
+
+
+def stack_blocks(deltas: Iterable[LowRankDelta]) -> Iterator[FactorBlock]:
+    """Group consecutive adapters of equal rank into FactorBlocks of about BLOCK_COLUMNS columns."""
+    pending: list[LowRankDelta] = []
+
+    def flush() -> FactorBlock:
+        B = torch.cat([d.B.to(SKETCH_DTYPE) * d.scale for d in pending], dim=1)
+        A = torch.cat([d.A.to(SKETCH_DTYPE) for d in pending], dim=0)
+        return FactorBlock(B, A, len(pending), pending[0].rank)
+
+    for delta in deltas:
+        if pending and (delta.rank != pending[0].rank or len(pending) * delta.rank >= BLOCK_COLUMNS):
+            yield flush()
+            pending = []
+        pending.append(delta)
+    if pending:
+        yield flush()
 
 
 def _orthonormal(block: torch.Tensor) -> torch.Tensor:
@@ -197,7 +238,7 @@ def _orthonormal(block: torch.Tensor) -> torch.Tensor:
 
 
 def randomized_fit(
-    deltas: Callable[[], Iterable[LowRankDelta]],
+    blocks: Callable[[], Iterable[FactorBlock]],
     shape: tuple[int, int],
     width_out: int,
     width_in: int,
@@ -206,68 +247,84 @@ def randomized_fit(
     seed: int,
     device: torch.device | str = "cpu",
 ) -> RandomizedFit:
-    """Top `width_out` left and `width_in` right directions of a slot, from passes over `deltas()`.
+    """Top `width_out` left and `width_in` right directions of a slot, from passes over `blocks()`.
 
     Pass 1 sketches G Omega (and the right side's G' Omega') with Gaussian test matrices seeded by `seed`,
     and learns each task's weight; each power pass applies G to the orthonormalized sketch again; the last
-    pass forms Q^T G Q (small) and each task's coordinates Q^T D_i Q', from which the Ritz vectors, their
-    values and every prefix's captured energy follow. 2 + power_iters passes in all.
+    pass forms Q^T G Q (small) on the whole block Krylov space and each task's coordinates Q^T D_i Q', from
+    which the Ritz vectors, their values and every prefix's captured energy follow. 2 + power_iters passes
+    in all. Adapters of equal rank go through in stacked blocks, so each pass is a few large GEMMs.
     """
     m, n = shape
     generator = torch.Generator().manual_seed(seed)
-    sketch_out = torch.randn(m, width_out, generator=generator, dtype=COMPUTE_DTYPE).to(device)
-    sketch_in = torch.randn(n, width_in, generator=generator, dtype=COMPUTE_DTYPE).to(device)
-    weights: list[float] = []
-    norms_sq: list[float] = []
+    sketch_out = torch.randn(m, width_out, generator=generator, dtype=COMPUTE_DTYPE).to(device, SKETCH_DTYPE)
+    sketch_in = torch.randn(n, width_in, generator=generator, dtype=COMPUTE_DTYPE).to(device, SKETCH_DTYPE)
+    weights: list[torch.Tensor] = []
+    norms_sq: list[torch.Tensor] = []
     krylov_out: list[torch.Tensor] = []
     krylov_in: list[torch.Tensor] = []
     for pass_index in range(1 + power_iters):
         probe_out, probe_in = sketch_out, sketch_in
         if pass_index > 0:
             probe_out, probe_in = _orthonormal(sketch_out), _orthonormal(sketch_in)
-        sketch_out = torch.zeros(m, width_out, dtype=COMPUTE_DTYPE, device=device)
-        sketch_in = torch.zeros(n, width_in, dtype=COMPUTE_DTYPE, device=device)
-        for i, delta in enumerate(deltas()):
-            B, A = delta.factors()
-            gram_a, gram_b = A @ A.T, B.T @ B
+        sketch_out = torch.zeros(m, width_out, dtype=SKETCH_DTYPE, device=device)
+        sketch_in = torch.zeros(n, width_in, dtype=SKETCH_DTYPE, device=device)
+        for index, block in enumerate(blocks()):
+            A3 = block.A.reshape(block.count, block.rank, n)
+            B3 = block.per_task(block.B)  # b x m x r
+            gram_a, gram_b = A3 @ A3.transpose(1, 2), B3.transpose(1, 2) @ B3
             if pass_index == 0:
-                norm_sq = float(torch.sum(gram_a * gram_b))
+                norm_sq = torch.sum(gram_a.double() * gram_b.double(), dim=(1, 2))
                 norms_sq.append(norm_sq)
-                weights.append((0.0 if norm_sq == 0 else norm_sq**-0.5) if normalize else 1.0)
-            w2 = weights[i] ** 2
-            sketch_out += w2 * (B @ (gram_a @ (B.T @ probe_out)))
-            sketch_in += w2 * (A.T @ (gram_b @ (A @ probe_in)))
+                safe = torch.where(norm_sq > 0, norm_sq, torch.ones_like(norm_sq))
+                w = torch.where(norm_sq > 0, safe**-0.5, torch.zeros_like(norm_sq))
+                weights.append(w if normalize else torch.ones_like(norm_sq))
+            w2 = (weights[index] ** 2).to(SKETCH_DTYPE)[:, None, None]
+            left = (w2 * (gram_a @ (block.B.T @ probe_out).reshape(block.count, block.rank, -1))).reshape(
+                block.count * block.rank, -1
+            )
+            sketch_out += block.B @ left
+            right = (w2 * (gram_b @ (block.A @ probe_in).reshape(block.count, block.rank, -1))).reshape(
+                block.count * block.rank, -1
+            )
+            sketch_in += block.A.T @ right
         krylov_out.append(_orthonormal(sketch_out))
         krylov_in.append(_orthonormal(sketch_in))
     # Rayleigh-Ritz on the whole block Krylov space [G W, G^2 W, ...], not only its last block: on the flat
     # spectra of LoRA input sides it converges far faster than plain power passes (Musco & Musco 2015)
-    Q_out = _orthonormal(torch.cat(krylov_out, dim=1)[:, : min(m, width_out * (1 + power_iters))])
-    Q_in = _orthonormal(torch.cat(krylov_in, dim=1)[:, : min(n, width_in * (1 + power_iters))])
+    # (orthonormalized in float64, so the final bases are orthonormal to float64 rounding)
+    Q_out64 = _orthonormal(torch.cat(krylov_out, dim=1)[:, : min(m, width_out * (1 + power_iters))].double())
+    Q_in64 = _orthonormal(torch.cat(krylov_in, dim=1)[:, : min(n, width_in * (1 + power_iters))].double())
+    Q_out, Q_in = Q_out64.to(SKETCH_DTYPE), Q_in64.to(SKETCH_DTYPE)
     small_out = torch.zeros(Q_out.shape[1], Q_out.shape[1], dtype=COMPUTE_DTYPE, device=device)
     small_in = torch.zeros(Q_in.shape[1], Q_in.shape[1], dtype=COMPUTE_DTYPE, device=device)
     coords = []
-    for i, delta in enumerate(deltas()):
-        B, A = delta.factors()
-        left, right = Q_out.T @ B, A @ Q_in  # l_out x r, r x l_in
-        w2 = weights[i] ** 2
-        small_out += w2 * (left @ (A @ A.T) @ left.T)
-        small_in += w2 * (right.T @ (B.T @ B) @ right)
+    for index, block in enumerate(blocks()):
+        A3 = block.A.reshape(block.count, block.rank, n)
+        B3 = block.per_task(block.B)
+        left = block.per_task(Q_out.T @ block.B)  # b x l_out x r
+        right = (block.A @ Q_in).reshape(block.count, block.rank, -1)  # b x r x l_in
+        w2 = (weights[index] ** 2)[:, None, None]
+        gram_a = (A3 @ A3.transpose(1, 2)).double()
+        gram_b = (B3.transpose(1, 2) @ B3).double()
+        left64, right64 = left.double(), right.double()
+        small_out += torch.sum(w2 * (left64 @ gram_a @ left64.transpose(1, 2)), dim=0)
+        small_in += torch.sum(w2 * (right64.transpose(1, 2) @ gram_b @ right64), dim=0)
         coords.append(left @ right)
     values_out, vectors_out = torch.linalg.eigh(small_out)
     values_in, vectors_in = torch.linalg.eigh(small_in)
     vectors_out, vectors_in = vectors_out.flip(1), vectors_in.flip(1)
-    U, V = fix_signs(Q_out @ vectors_out), fix_signs(Q_in @ vectors_in)
-    # the sign fix flips columns: rotate the coordinates the same way
-    turn_out, turn_in = U.T @ Q_out, Q_in.T @ V
-    coords = [turn_out @ c @ turn_in for c in coords]
+    U, V = fix_signs(Q_out64 @ vectors_out), fix_signs(Q_in64 @ vectors_in)
+    # coordinates in the Ritz bases (the sign fix included): U^T D V = (U^T Q) (Q^T D Q') (Q'^T V)
+    turn_out, turn_in = (U.T @ Q_out64).to(SKETCH_DTYPE), (Q_in64.T @ V).to(SKETCH_DTYPE)
     return RandomizedFit(
         U=U,
         V=V,
         spectrum_out=values_out.flip(0).clamp_min(0.0),
         spectrum_in=values_in.flip(0).clamp_min(0.0),
-        coords=coords,
-        weights=weights,
-        norms_sq=norms_sq,
+        coords=turn_out @ torch.cat(coords) @ turn_in,
+        weights=torch.cat(weights),
+        norms_sq=torch.cat(norms_sq),
     )
 
 

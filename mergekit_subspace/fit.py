@@ -25,6 +25,7 @@ import torch
 
 from mergekit_subspace import parallel
 from mergekit_subspace.basis import (
+    FactorBlock,
     SlotBasis,
     captured_energy,
     fit_slot_basis,
@@ -32,6 +33,7 @@ from mergekit_subspace.basis import (
     randomized_fit,
     slot_seed,
     smallest_k_for_capture,
+    stack_blocks,
     task_weights,
     weighted_capture,
 )
@@ -51,8 +53,9 @@ Visit = Callable[[str, SlotBasis, "SlotDeltas"], Any]
 
 
 class SlotDeltas:
-    """One slot's deltas across the zoo, yielded one task at a time; kept after the first pass when their
-    factors fit `hold_bytes`, read again from the files otherwise. `tasks` lists the tasks in yield order."""
+    """One slot's deltas across the zoo, yielded one task at a time. When their factors fit `hold_bytes`
+    they are kept after the first pass (as read, or stacked in float32 blocks for the randomized solver);
+    otherwise every pass reads them again from the files. `tasks` lists the tasks in yield order."""
 
     def __init__(
         self, module: str, tasks: Sequence[TaskSource], hold_bytes: int, device: str = "cpu"
@@ -61,10 +64,11 @@ class SlotDeltas:
         self.tasks = [t for t in tasks if module in t.shapes]
         self.shape = self.tasks[0].shapes[module]
         self.ranks = [t.ranks[module] for t in self.tasks]
-        itemsize = [getattr(torch, t.dtype, torch.float32).itemsize for t in self.tasks]
-        self.nbytes = sum(r * sum(self.shape) * size for r, size in zip(self.ranks, itemsize, strict=True))
+        self.nbytes = sum(self.ranks) * sum(self.shape) * 4  # as float32 blocks
         self._hold = self.nbytes <= hold_bytes
         self._held: list[LowRankDelta] | None = None
+        self._blocks: list[FactorBlock] | None = None
+        self._as_blocks = False
         self.device = device
 
     def _read(self, task: TaskSource) -> LowRankDelta:
@@ -79,6 +83,15 @@ class SlotDeltas:
         return delta
 
     def __call__(self) -> Iterator[LowRankDelta]:
+        """The deltas, one task at a time; once the slot has been read as blocks, views of the blocks (so
+        every later pass sees the same numbers whether the slot is held or read again)."""
+        if self._as_blocks:
+            for block in self.blocks():
+                yield from block.deltas()
+            return
+        yield from self._deltas()
+
+    def _deltas(self) -> Iterator[LowRankDelta]:
         if self._held is not None:
             yield from self._held
             return
@@ -90,6 +103,20 @@ class SlotDeltas:
             yield delta
         if kept is not None:
             self._held = kept
+
+    def blocks(self) -> Iterator[FactorBlock]:
+        """The deltas stacked in float32 blocks (kept after the first pass when the slot is held)."""
+        self._as_blocks = True
+        if self._blocks is not None:
+            yield from self._blocks
+            return
+        kept: list[FactorBlock] | None = [] if self._hold else None
+        for block in stack_blocks(self._deltas()):
+            if kept is not None:
+                kept.append(block)
+            yield block
+        if kept is not None:
+            self._blocks, self._held = kept, None
 
     def with_tasks(self) -> Iterable[tuple[TaskSource, LowRankDelta]]:
         return zip(self.tasks, self(), strict=True)
@@ -307,7 +334,7 @@ class SubspaceBasis:
             )
 
         fit = randomized_fit(
-            slot,
+            slot.blocks,
             slot.shape,
             width_out,
             width_in,
@@ -316,7 +343,8 @@ class SubspaceBasis:
             slot_seed(slot.module),
             self.device,
         )
-        total = sum(w * w * nsq for w, nsq in zip(fit.weights, fit.norms_sq, strict=True))
+        weights = [float(w) for w in fit.weights]
+        total = float(torch.sum(fit.weights**2 * fit.norms_sq))
         if energy is None:
             k_out, k_in_ = min(want_out, width_out), min(want_in, width_in)
             capped = want_out > min(m, total_rank) or want_in > min(n, total_rank)
@@ -327,11 +355,11 @@ class SubspaceBasis:
         for step in range(refine):
             seed = slot_seed(f"{slot.module}#refine{step}")
             U = hooi_step(
-                slot, fit.weights, V, min(m, total_rank, k_out + s.oversample), True, s.power_iters, seed
+                slot, weights, V, min(m, total_rank, k_out + s.oversample), True, s.power_iters, seed
             )
             U = U[:, :k_out]
             V = hooi_step(
-                slot, fit.weights, U, min(n, total_rank, k_in_ + s.oversample), False, s.power_iters, seed
+                slot, weights, U, min(n, total_rank, k_in_ + s.oversample), False, s.power_iters, seed
             )
             V = V[:, :k_in_]
         basis = SlotBasis(
@@ -344,8 +372,7 @@ class SubspaceBasis:
         )
         if refine:
             kept = sum(
-                w * w * float(torch.sum(d.project(U, V) ** 2))
-                for w, d in zip(fit.weights, slot(), strict=True)
+                w * w * float(torch.sum(d.project(U, V) ** 2)) for w, d in zip(weights, slot(), strict=True)
             )
             captured = 1.0 if total == 0 else kept / total
         else:

@@ -103,11 +103,28 @@ def core_to_factors(
     return B, A
 
 
+class SlotProjector:
+    """One slot's bases as stored, in float64 with their Gram matrices, for projecting many tasks onto them
+    and scoring each against its core as stored (low precision bases need not be orthonormal)."""
+
+    def __init__(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        self.U, self.V = U.to(COMPUTE_DTYPE), V.to(COMPUTE_DTYPE)
+        self.gram_u, self.gram_v = self.U.T @ self.U, self.V.T @ self.V
+
+    def project(self, delta: LowRankDelta) -> torch.Tensor:
+        """U^T D V (k_out x k_in), from factors only."""
+        B, A = delta.factors()
+        return (self.U.T @ B) @ (A @ self.V)
+
+    def error_sq(self, norm_sq: float, projected: torch.Tensor, core: torch.Tensor) -> float:
+        """||D - U C V^T||_F^2 for a core C as stored, given ||D||^2 and the projection U^T D V."""
+        C = core.to(COMPUTE_DTYPE)
+        cross = float(torch.sum(projected * C))
+        recon_sq = float(torch.sum((self.gram_u @ C) * (C @ self.gram_v)))
+        return max(0.0, norm_sq - 2.0 * cross + recon_sq)
+
+
 def stored_error_sq(delta: LowRankDelta, U: torch.Tensor, core: torch.Tensor, V: torch.Tensor) -> float:
     """||D - U C V^T||_F^2 for the bases and core exactly as stored (possibly low precision), from factors only."""
-    B, A = delta.factors()
-    U64, C64, V64 = U.to(COMPUTE_DTYPE), core.to(COMPUTE_DTYPE), V.to(COMPUTE_DTYPE)
-    projected = (U64.T @ B) @ (A @ V64)
-    cross = float(torch.sum(projected * C64))
-    recon_sq = float(torch.sum((U64.T @ U64 @ C64) * (C64 @ (V64.T @ V64))))
-    return max(0.0, delta.norm_sq() - 2.0 * cross + recon_sq)
+    projector = SlotProjector(U, V)
+    return projector.error_sq(delta.norm_sq(), projector.project(delta), core)

@@ -55,7 +55,7 @@ class SubspaceSettings(Strict):
     # and Rayleigh-Ritz ("randomized"), or whichever costs less for the slot ("auto")
     solver: Literal["auto", "exact", "randomized"] = "auto"
     oversample: int = Field(10, ge=0, le=1024)  # extra sketch columns of the randomized solver
-    power_iters: int = Field(2, ge=0, le=20)  # extra passes (block Krylov) of the randomized solver
+    power_iters: int = Field(3, ge=0, le=20)  # extra passes (block Krylov) of the randomized solver
 
     @model_validator(mode="after")
     def one_budget(self) -> SubspaceSettings:

@@ -21,8 +21,11 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+SHOWN_TASKS = 20  # a zoo of thousands prints its summary, the worst tasks and a pointer to `info --json`
+
+
 def format_info(info: dict[str, Any]) -> str:
-    """Summary, per-task and per-slot-group tables of `SubspaceStore.info()`."""
+    """Summary and per-task table of `SubspaceStore.info()`; past SHOWN_TASKS tasks, the worst ones only."""
     b = info["bytes"]
     k_values = sorted({(s["k_out"], s["k_in"]) for s in info["slots"].values()})
     capped = [m for m, s in info["slots"].items() if s["k_capped"]]
@@ -36,6 +39,21 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(
             f"note: k was capped at what the slot can hold (min(dim, total rank of its tasks)) in {len(capped)} slot(s)"
         )
+    solvers = sorted({s.get("solver", "exact") for s in info["slots"].values()})
+    if solvers != ["exact"]:
+        counts = {
+            name: sum(s.get("solver", "exact") == name for s in info["slots"].values()) for name in solvers
+        }
+        lines.append("solver: " + ", ".join(f"{name} in {count} slot(s)" for name, count in counts.items()))
+    per_task = info["per_task"]
+    shown = list(per_task)
+    if len(shown) > SHOWN_TASKS:
+        errors = sorted(t["rel_error"] for t in per_task.values())
+        lines.append(
+            f"relative error over {len(errors)} tasks: median {errors[len(errors) // 2]:.4f}, worst {errors[-1]:.4f}"
+            f"; the {SHOWN_TASKS} worst below (all of them: info --json)"
+        )
+        shown = sorted(per_task, key=lambda name: -per_task[name]["rel_error"])[:SHOWN_TASKS]
     rows = [
         [
             name,
@@ -46,7 +64,7 @@ def format_info(info: dict[str, Any]) -> str:
             f"{t['rel_error']:.4f}",
         ]
         + (["*"] if t["added_after_fit"] else [""])
-        for name, t in info["per_task"].items()
+        for name, t in ((name, per_task[name]) for name in shown)
     ]
     lines += ["", table(["task", "kind", "slots", "stored", "source", "rel_error", "added"], rows)]
     return "\n".join(lines)

@@ -34,7 +34,7 @@ from mergekit_subspace.io.store import (
     task_file,
     task_tensors,
 )
-from mergekit_subspace.lowrank import COMPUTE_DTYPE, LowRankDelta, core_to_factors, stored_error_sq
+from mergekit_subspace.lowrank import COMPUTE_DTYPE, LowRankDelta, SlotProjector, core_to_factors
 from mergekit_subspace.recipe import (
     CompressRecipe,
     SubspaceSettings,
@@ -59,12 +59,13 @@ class EncodedSlot:
 
 
 def encode_slot(
-    task: TaskSource, module: str, delta: LowRankDelta, U: torch.Tensor, V: torch.Tensor, dtype: str
+    task: TaskSource, module: str, delta: LowRankDelta, bases: SlotProjector, dtype: str
 ) -> EncodedSlot:
-    """Project one slot of a task onto the stored bases (U, V as they read back) and encode its core."""
-    encoded = encode_core(module, delta.project(U, V).cpu(), delta.rank, dtype)
-    err_sq = stored_error_sq(delta, U, encoded.readback.to(U.device), V)
+    """Project one slot of a task onto the stored bases and encode its core; errors as the core reads back."""
+    projected = bases.project(delta)
+    encoded, readback = encode_core(module, projected.cpu(), delta.rank, dtype)
     norm_sq = delta.norm_sq()
+    err_sq = bases.error_sq(norm_sq, projected, readback.to(projected.device))
     stats: dict[str, Any] = {
         "rank": delta.rank,
         "rho": encoded.layout.rho,
@@ -206,9 +207,9 @@ class SubspaceStore:
 
         def encode(module: str, basis: SlotBasis, slot: SlotDeltas) -> tuple[dict, dict[str, EncodedSlot]]:
             file_tensors, readback = basis_tensors({module: (basis.U.cpu(), basis.V.cpu())}, dtype)
-            U, V = (t.to(slot.device) for t in readback[module])
+            bases = SlotProjector(*(t.to(slot.device) for t in readback[module]))
             return file_tensors, {
-                task.name: encode_slot(task, module, delta, U, V, dtype) for task, delta in slot.with_tasks()
+                task.name: encode_slot(task, module, delta, bases, dtype) for task, delta in slot.with_tasks()
             }
 
         per_slot = fitted.fit_slots(tasks, visit=encode, base=base)
@@ -341,11 +342,11 @@ class SubspaceStore:
         ranks = parallel.current(device)
 
         def encode(module: str) -> EncodedSlot:
-            U, V = (t.to(device) for t in self.basis(module))
+            bases = SlotProjector(*(t.to(device) for t in self.basis(module)))
             delta = source.slots[module]
             if device != "cpu":
                 delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
-            return encode_slot(source, module, delta, U, V, dtype)
+            return encode_slot(source, module, delta, bases, dtype)
 
         modules = sorted(source.shapes)
         costs = {m: float(sum(source.shapes[m]) * source.ranks[m]) for m in modules}

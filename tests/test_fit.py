@@ -59,7 +59,7 @@ def test_randomized_solver_is_deterministic_and_agrees_with_its_captured_energy(
         w2 = 1.0 / delta.norm_sq()
         kept += w2 * float((delta.project(U, V) ** 2).sum())
         total += w2 * delta.norm_sq()
-    assert abs(first.captured_energy_["layer.q"] - kept / total) < 1e-10
+    assert abs(first.captured_energy_["layer.q"] - kept / total) < 1e-6  # coordinates are float32 sums
 
 
 def test_energy_target_and_refine_on_the_randomized_solver() -> None:
@@ -119,7 +119,7 @@ def test_compress_streams_slot_major(tiny_bert: Path, bert_zoo: list[Path], tmp_
     held = len(log)
     log.clear()
     SubspaceBasis(k=3, solver="randomized", slot_memory=0).fit(tasks)  # nothing held: every pass reads
-    assert len(log) == held * 4  # sketch, two power passes, Ritz: nothing else for a plain fit
+    assert len(log) == held * 5  # sketch, three power passes, Ritz: nothing else for a plain fit
     assert fitted.members_  # fitted attributes are set
     from mergekit_subspace.sources import slot_shapes
 

@@ -11,7 +11,7 @@ from conftest import ids_for, load_base, make_lora, peft_logits
 from test_store import compress_zoo, dense_deltas
 
 from mergekit_subspace.errors import SubspaceError
-from mergekit_subspace.io.codec import pack_cores, split_core, unpack_cores
+from mergekit_subspace.io.codec import assemble_cores, encode_core, split_core, unpack_cores
 from mergekit_subspace.io.store import MANIFEST, compact_manifest, expand_manifest
 from mergekit_subspace.serve import attach
 from mergekit_subspace.subspace import SubspaceStore
@@ -30,12 +30,16 @@ def test_low_rank_cores_are_stored_as_factors_without_loss() -> None:
     )
     full = torch.randn(4, 4, generator=generator, dtype=torch.float64)
     assert split_core(full, rank=4) is None  # 4 * 8 numbers as factors is not smaller than 16 dense
-    packed, readback = pack_cores({"a": low, "b": full}, {"a": 3, "b": 4}, "float32")
+    (core_b, readback_b), (core_a, _) = (
+        encode_core("b", full, 4, "float32"),
+        encode_core("a", low, 3, "float32"),
+    )
+    packed = assemble_cores([core_b, core_a], "float32")  # slot order is restored by module name
     assert [layout.rho for layout in packed.layouts] == [3, 0]
     assert packed.flat.numel() == 3 * 64 + 16  # instead of 32 * 32 + 16
     matrices = unpack_cores(packed)
     torch.testing.assert_close((matrices["a"][0] @ matrices["a"][1]).double(), low, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(readback["b"], full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(readback_b, full, atol=1e-6, rtol=1e-6)
 
 
 def test_factored_store_is_exact_through_peft(tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path) -> None:

@@ -101,17 +101,17 @@ class PackedCores:
 
 @dataclass
 class EncodedCore:
-    """One slot's core as it goes into a task file: the stored matrices (flattened), their int8 scales,
-    its layout, and the core as it will read back (for honest errors)."""
+    """One slot's core as it goes into a task file: the stored matrices (flattened), their int8 scales and
+    its layout."""
 
     pieces: list[torch.Tensor]
     scales: list[float]
     layout: SlotLayout
-    readback: torch.Tensor
 
 
-def encode_core(module: str, core: torch.Tensor, rank: int, dtype: str) -> EncodedCore:
-    """Encode one float64 core: dense, or its rank-rho factors when smaller."""
+def encode_core(module: str, core: torch.Tensor, rank: int, dtype: str) -> tuple[EncodedCore, torch.Tensor]:
+    """Encode one float64 core (dense, or its rank-rho factors when smaller); also returns the core as it
+    will read back, for honest errors."""
     factors = split_core(core, rank)
     matrices = [core] if factors is None else list(factors)
     pieces, scales, decoded = [], [], []
@@ -123,7 +123,7 @@ def encode_core(module: str, core: torch.Tensor, rank: int, dtype: str) -> Encod
             scales.append(scale)
     rho = 0 if factors is None else factors[0].shape[1]
     readback = decoded[0] if factors is None else decoded[0] @ decoded[1]
-    return EncodedCore(pieces, scales, SlotLayout(module, core.shape[0], core.shape[1], rho), readback)
+    return EncodedCore(pieces, scales, SlotLayout(module, core.shape[0], core.shape[1], rho)), readback
 
 
 def assemble_cores(encoded: list[EncodedCore], dtype: str) -> PackedCores:
@@ -134,14 +134,6 @@ def assemble_cores(encoded: list[EncodedCore], dtype: str) -> PackedCores:
     flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=number_dtype(dtype))
     scale_tensor = torch.tensor(scales, dtype=torch.float32) if dtype == "int8" else None
     return PackedCores(flat, scale_tensor, [e.layout for e in ordered])
-
-
-def pack_cores(
-    cores: dict[str, torch.Tensor], ranks: dict[str, int], dtype: str
-) -> tuple[PackedCores, dict[str, torch.Tensor]]:
-    """Pack float64 cores (sorted by module); also returns each core as it will read back, for honest errors."""
-    encoded = [encode_core(module, cores[module], ranks[module], dtype) for module in sorted(cores)]
-    return assemble_cores(encoded, dtype), {e.layout.module: e.readback for e in encoded}
 
 
 def unpack_cores(packed: PackedCores) -> dict[str, list[torch.Tensor]]:
