@@ -2,16 +2,24 @@
 
 `"model"` picks the task (or the base model by its name), as vLLM and LoRAX do. Every error is a JSON body
 {"error": {"message", "type", "code"}} with a fitting status; nothing a client sends can stop the server.
+
+Nothing a client controls runs on the event loop: bodies are read under a byte limit and a deadline
+(`guard.BodyGuard`), texts are tokenized on tokenizer threads, and a request's rows x tokens are bounded before it
+is queued for the model thread, so /health answers while the model is busy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,17 +37,13 @@ from mergekit_subspace.serve.engine import (
     InputTooLong,
     Sampling,
 )
+from mergekit_subspace.serve.guard import MAX_BODY_BYTES, BodyGuard, Limits, error_payload
 from mergekit_subspace.serve.schemas import ChatRequest, ClassifyRequest, CompletionRequest
 
 log = logging.getLogger("mergekit_subspace.serve")
-MAX_BODY_BYTES = 4 << 20
 MAX_INPUTS = 256  # texts or prompts x n per request
-_TYPES = {
-    400: "invalid_request_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-}
+TOKENIZER_THREADS = 2
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -49,9 +53,7 @@ class ApiError(Exception):
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = _TYPES.get(status, "server_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_payload(status, message, param), status_code=status)
 
 
 def _validation_message(exc: ValidationError | RequestValidationError) -> str:
@@ -62,16 +64,24 @@ def _validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    """Body size first (413), then JSON and fields (400), so a bad body never reaches the model."""
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """Body size first (413), so a bad body never reaches the model.
+
+    BodyGuard has already read the body under the limit; the checks here hold for an app used without it.
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}")
     body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    if len(body) > limit:
+        raise ApiError(413, f"request body is {len(body)} bytes; the limit is {limit}")
     if not body.strip():
         raise ApiError(400, "request body is empty; send a JSON object")
+    return body
+
+
+def _validate(model: type[BaseModel], body: bytes) -> Any:
+    """JSON and fields (400); megabytes of JSON take milliseconds, so callers run this off the event loop."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -80,23 +90,74 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         raise ApiError(400, _validation_message(exc)) from None
 
 
+class LoopLag:
+    """How late the event loop wakes a short timer: a loop blocked by work shows here (and in /health)."""
+
+    def __init__(self, every_s: float = 0.05) -> None:
+        self.every_s = every_s
+        self.last_s = 0.0
+        self.max_s = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.every_s)
+            self.last_s = max(0.0, loop.time() - start - self.every_s)
+            self.max_s = max(self.max_s, self.last_s)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def as_json(self) -> dict[str, float]:
+        return {"last_ms": round(self.last_s * 1000, 1), "max_ms": round(self.max_s * 1000, 1)}
+
+
 def _batch_json(info: BatchInfo) -> dict[str, Any]:
     return asdict(info)
 
 
-def create_app(engine: Engine, batcher: Batcher | None = None) -> FastAPI:
-    """The ASGI app; `batcher` defaults to one built on `engine` (64 rows, 10 ms window, 256 in flight)."""
+def create_app(engine: Engine, batcher: Batcher | None = None, limits: Limits | None = None) -> FastAPI:
+    """The ASGI app; `batcher` defaults to one built on `engine` (64 rows, 10 ms window, 256 in flight).
+
+    `limits` bounds request bodies (bytes, seconds); the header deadline needs the server too: see
+    `guard.server_config`.
+    """
     batcher = batcher or Batcher(engine.run, max_rows=engine.max_rows)
     batcher.task_of = job_tasks
+    limits = limits or Limits()
+    tokenizing = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS, thread_name_prefix="tokenize")
+    lag = LoopLag()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
+        lag.start()
         yield
+        await lag.stop()
         await batcher.stop()
+        tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mergekit-subspace", lifespan=lifespan)
-    app.state.engine, app.state.batcher = engine, batcher
+    app.state.engine, app.state.batcher, app.state.limits = engine, batcher, limits
+    app.add_middleware(BodyGuard, max_body_bytes=limits.max_body_bytes, body_timeout_s=limits.body_timeout_s)
+
+    async def off_loop(func: Callable[[], T]) -> T:
+        """Parsing and tokenizing (every step whose cost a client sets) run on a tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, func)
+
+    async def parse(request: Request, model: type[BaseModel]) -> Any:
+        body = await _read_body(request, limits.max_body_bytes)
+        if len(body) < 1 << 16:
+            return _validate(model, body)  # small bodies: a thread hop would cost more than it saves
+        return await off_loop(lambda: _validate(model, body))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -161,6 +222,7 @@ def create_app(engine: Engine, batcher: Batcher | None = None) -> FastAPI:
             "batches": batcher.batches,
             "last_batch": None if last is None else _batch_json(last),
             "refresh_error": engine.refresh_error,
+            "loop_lag": lag.as_json(),  # how late the event loop ran a 50 ms timer: last, and worst since start
         }
 
     @app.get("/v1/models")
@@ -177,7 +239,7 @@ def create_app(engine: Engine, batcher: Batcher | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> dict[str, Any]:
-        req = await _parse(request, CompletionRequest)
+        req = await parse(request, CompletionRequest)
         need("causal", "/v1/completions")
         refused = req.refused("logprobs", "echo", "suffix", "best_of", "logit_bias")
         if refused:
@@ -185,13 +247,19 @@ def create_app(engine: Engine, batcher: Batcher | None = None) -> FastAPI:
         task = await resolve(req.model)
         limit, sampling = sampling_of(req, req.max_tokens)
         check_rows(len(req.prompts()) * req.n)
-        try:
+
+        def encode() -> list[list[int]]:
             encoded = [engine.encode(p) for p in req.prompts()]
             for ids in encoded:
                 engine.check_room(len(ids), limit)
+            prompts = [ids for ids in encoded for _ in range(req.n)]
+            engine.check_work(prompts, limit)
+            return prompts
+
+        try:
+            prompts = await off_loop(encode)
         except InputTooLong as exc:
             raise ApiError(413, str(exc), "prompt") from None
-        prompts = [ids for ids in encoded for _ in range(req.n)]
         job = GenerateJob(task, prompts, limit, sampling, req.stop_list())
         outs, info = await submit("generate", len(prompts), job)
         return {
@@ -209,7 +277,7 @@ def create_app(engine: Engine, batcher: Batcher | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict[str, Any]:
-        req = await _parse(request, ChatRequest)
+        req = await parse(request, ChatRequest)
         need("causal", "/v1/chat/completions")
         refused = req.refused("logprobs", "tools", "functions", "response_format", "logit_bias")
         if refused:
@@ -219,9 +287,15 @@ def create_app(engine: Engine, batcher: Batcher | None = None) -> FastAPI:
         task = await resolve(req.model)
         limit, sampling = sampling_of(req, req.token_limit())
         check_rows(req.n)
-        try:
+
+        def encode() -> list[int]:
             ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
             engine.check_room(len(ids), limit)
+            engine.check_work([ids] * req.n, limit)
+            return ids
+
+        try:
+            ids = await off_loop(encode)
         except InputTooLong as exc:
             raise ApiError(413, str(exc), "messages") from None
         except SubspaceError as exc:
@@ -248,13 +322,19 @@ def create_app(engine: Engine, batcher: Batcher | None = None) -> FastAPI:
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict[str, Any]:
-        req = await _parse(request, ClassifyRequest)
+        req = await parse(request, ClassifyRequest)
         need("classify", "/v1/classify")
         task = await resolve(req.model)
         texts = req.texts()
         check_rows(len(texts))
-        try:
+
+        def encode() -> list[list[int]]:
             encoded = [engine.encode(t) for t in texts]
+            engine.check_work(encoded)
+            return encoded
+
+        try:
+            encoded = await off_loop(encode)
         except InputTooLong as exc:
             raise ApiError(413, str(exc), "input") from None
         outs, info = await submit("classify", len(encoded), ClassifyJob(task, encoded))

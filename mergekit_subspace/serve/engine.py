@@ -20,10 +20,20 @@ from mergekit_subspace.serve.loading import Kind
 
 log = logging.getLogger("mergekit_subspace.serve")
 DEFAULT_MAX_TOKENS = 16
+# Work one request may queue, in rows x tokens (its row count times its longest row, prompt + max_tokens for
+# completions): one full batch of 64 rows x 512 tokens. Never below the context, so one full-length row fits.
+DEFAULT_MAX_REQUEST_TOKENS = 64 * 512
+# A text longer than max_input_tokens x this many characters is refused without tokenizing it: no real text
+# averages 32 characters a token, and tokenizing megabytes only to refuse them costs seconds of CPU.
+MAX_CHARS_PER_TOKEN = 32
 
 
 class InputTooLong(Exception):
     """A prompt or text longer than the server admits (HTTP 413)."""
+
+
+class TooMuchWork(InputTooLong):
+    """A request whose rows x tokens pass what one request may queue (HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ class Engine:
         kind: Kind,
         max_rows: int = 64,
         max_input_tokens: int | None = None,
+        max_request_tokens: int | None = None,
     ) -> None:
         self.served = served
         self.tokenizer = tokenizer
@@ -81,6 +92,8 @@ class Engine:
         self.max_rows = max_rows
         self.context = _context_length(served.model, tokenizer)
         self.max_input_tokens = min(max_input_tokens or self.context, self.context)
+        self.max_chars = self.max_input_tokens * MAX_CHARS_PER_TOKEN
+        self.max_request_tokens = max_request_tokens or max(DEFAULT_MAX_REQUEST_TOKENS, self.context)
         self.refresh_error: str | None = None
 
     # ---- names ----------------------------------------------------------------------------------------
@@ -101,8 +114,16 @@ class Engine:
             log.info("now serving new tasks: %s", ", ".join(new))
         return new
 
-    # ---- tokenizing (request threads) -----------------------------------------------------------------
+    # ---- tokenizing (tokenizer threads, never the event loop) -----------------------------------------
+    def _check_chars(self, text: str) -> None:
+        if len(text) > self.max_chars:
+            raise InputTooLong(
+                f"input is {len(text)} characters; this server admits at most {self.max_input_tokens} tokens "
+                f"and refuses texts over {self.max_chars} characters without tokenizing them"
+            )
+
     def encode(self, text: str) -> list[int]:
+        self._check_chars(text)
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) > self.max_input_tokens:
             raise InputTooLong(
@@ -113,7 +134,9 @@ class Engine:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise SubspaceError("the base model's tokenizer has no chat template; use /v1/completions")
+        self._check_chars("".join(m["content"] for m in messages))
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        self._check_chars(text)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_input_tokens:
             raise InputTooLong(
@@ -126,6 +149,18 @@ class Engine:
             raise InputTooLong(
                 f"{prompt_tokens} prompt tokens + max_tokens {max_new_tokens} exceed the context of {self.context}"
             )
+
+    def check_work(self, rows: list[list[int]], max_new_tokens: int = 0) -> int:
+        """Rows x tokens this request would queue (its longest row, + max_new_tokens); TooMuchWork past the bound."""
+        longest = max((len(r) for r in rows), default=0) + max_new_tokens
+        work = len(rows) * longest
+        if work > self.max_request_tokens:
+            raise TooMuchWork(
+                f"this request asks for {work} tokens of work ({len(rows)} rows x {longest} tokens, its longest "
+                f"row{' with max_tokens' if max_new_tokens else ''}); one request may queue at most "
+                f"{self.max_request_tokens} (--max-request-tokens): send fewer or shorter inputs per request"
+            )
+        return work
 
     # ---- running (model thread) -----------------------------------------------------------------------
     def run(self, jobs: list[Job], info: BatchInfo) -> list[Any]:

@@ -74,7 +74,10 @@ class MultiTaskModel:
 
     >>> served = MultiTaskModel(model, "store/")
     >>> served.forward(["sst2", None, "mnli"], input_ids=ids)   # None (or "base") = the plain base model
-    >>> served.generate(["summarize", "translate"], input_ids=ids, max_new_tokens=16)
+    >>> served.generate(["summarize", "translate"], input_ids=ids, max_new_tokens=16)   # causal LMs only
+
+    When tasks' heads differ in width (label counts), the logits of a mixed batch are as wide as the widest and a
+    row's columns past its own task's width are -inf: softmax and argmax over the whole row are the task's own.
 
     The routing is state shared by the wrapped layers: run one forward at a time per model (the HTTP server does,
     on its single model thread).
@@ -96,6 +99,7 @@ class MultiTaskModel:
         self.heads: dict[str, PerTaskLinear] = {}
         self.tasks: list[str] = []
         self.head_out: dict[str, dict[str, int]] = {}
+        self.logits_head: str | None = None  # the head whose output is the model's logits (the last one run)
         self._cache: dict[str, tuple[str, _TaskTensors]] = {}  # task -> (file sha256, tensors)
         self._basis_sha: str | None = None
         self._stamp: tuple[int, int] | None = None
@@ -127,16 +131,30 @@ class MultiTaskModel:
             return self.model(**inputs)
 
     def generate(self, tasks: Sequence[str | None], **kwargs: Any) -> Any:
+        if self.kind != "causal":
+            raise SubspaceError(
+                f"this store serves a sequence-classification model ({type(self.model).__name__}), which cannot "
+                "generate; call served.forward(tasks, input_ids=..., attention_mask=...) and read .logits "
+                "(over HTTP: POST /v1/classify)",
+                self.store_path,
+            )
         with torch.inference_mode(), self.use_tasks(tasks):
             return self.model.generate(**kwargs)
 
+    @property
+    def kind(self) -> str:
+        """'causal' when the wrapped model can generate, else 'classify' (what `generate` needs)."""
+        can_generate = getattr(self.model, "can_generate", None)
+        if callable(can_generate):
+            return "causal" if can_generate() else "classify"
+        return "causal" if callable(getattr(self.model, "generate", None)) else "classify"
+
     def num_labels(self, task: str | None) -> int | None:
-        """Output width of the task's last head (its label count for classifiers), None without heads."""
-        if not self.heads:
+        """Output width of the task's logits head (its label count for classifiers), None without heads."""
+        if self.logits_head is None:
             return None
-        last = list(self.heads)[-1]
         widths = self.head_out.get(task or self.base_name, {})
-        return widths.get(last, self.head_out[self.base_name][last])
+        return widths.get(self.logits_head, self.head_out[self.base_name][self.logits_head])
 
     @property
     def _lookup(self) -> dict[str | None, int]:
@@ -252,8 +270,15 @@ class MultiTaskModel:
 
     def _load_heads(self) -> None:
         tasks = [(name, self._cache[name][1]) for name in self.tasks]
-        paths = sorted({path for _, task in tasks for path in task.heads})
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        paths = sorted(
+            {path for _, task in tasks for path in task.heads}, key=lambda p: (order.get(p, -1), p)
+        )
         self.head_out = {self.base_name: {}} | {name: {} for name in self.tasks}
+        # The last head in module order makes the logits; its narrower rows are padded with -inf, not 0, so a
+        # row's softmax and argmax over the padded width stay its own task's. (Padding an inner head with -inf
+        # would poison what reads it; inner heads keep zeros, and do not differ in width in real models.)
+        self.logits_head = paths[-1] if paths else None
         for path in paths:
             head = self.heads.get(path)
             if head is None:
@@ -282,6 +307,8 @@ class MultiTaskModel:
                 weights[i, : w.shape[0], : w.shape[1]] = w
                 if b is not None:
                     biases[i, : b.shape[0]] = b
+                if path == self.logits_head and w.shape[0] < out:
+                    biases[i, w.shape[0] :] = float("-inf")
             device = base.weight.device
             head.load(weights.to(device), biases.to(device))
 
