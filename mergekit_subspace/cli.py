@@ -162,11 +162,14 @@ def bench(recipe: str, out: str, overwrite: bool) -> None:
 
 def _register_feature_commands() -> None:
     """Commands that live beside their feature's code; they import their heavy dependencies lazily."""
+    from mergekit_subspace.manage_command import COMMANDS as manage_commands
     from mergekit_subspace.merge.command import merge
     from mergekit_subspace.serve.command import serve
 
     main.add_command(merge)
     main.add_command(serve)
+    for command in manage_commands:  # list, rm, rename, add-many, reconstruct-all, export
+        main.add_command(command)
 
 
 _register_feature_commands()

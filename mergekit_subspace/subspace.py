@@ -439,5 +439,49 @@ class SubspaceStore:
         """Problems found by re-hashing every file; an empty list means the store is intact."""
         return self.files.verify()
 
+    # ---- managing (mergekit_subspace.manage) ----------------------------------------------------------
+    def remove(self, *names: str) -> list[str]:
+        """Remove tasks in one atomic manifest write (then their files); the basis is unchanged."""
+        from mergekit_subspace.manage import remove_tasks
+
+        return remove_tasks(self, names)
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename a task: new file, manifest swapped atomically, old file removed."""
+        from mergekit_subspace.manage import rename_task
+
+        rename_task(self, old, new)
+
+    def add_many(
+        self,
+        adapters: list[str | Path | TaskSource],
+        allow_pickle: bool = False,
+        device: str = "cpu",
+        progress: bool = True,
+    ) -> list[dict]:
+        """Project several adapters onto the bases and add them with one manifest write, or none of them."""
+        from mergekit_subspace.manage import add_many
+
+        return add_many(self, adapters, allow_pickle=allow_pickle, device=device, progress=progress)
+
+    def export(
+        self,
+        name: str,
+        out: str | Path,
+        overwrite: bool = False,
+        command: str | None = None,
+        base_model_id: str | None = None,
+    ) -> Path:
+        """Task `name` as a PEFT folder with a README.md model card (hub front matter, source, error, store)."""
+        from mergekit_subspace.manage import export_task
+
+        return export_task(self, name, out, overwrite=overwrite, command=command, base_model_id=base_model_id)
+
+    def orphans(self) -> list[Path]:
+        """Files in the store folder that the manifest does not name (left by a crash); safe to delete."""
+        from mergekit_subspace.manage import orphan_files
+
+        return orphan_files(self)
+
 
 __all__ = ["SubspaceStore", "load_recipe_tasks"]

@@ -1,0 +1,465 @@
+"""Managing a store: list, remove and rename tasks, add many adapters in one write, reconstruct many tasks,
+export one as a PEFT folder with a model card.
+
+Every change keeps the store's rule that the manifest is the store: new files are written (atomically) before
+the manifest that names them, the manifest is swapped atomically, and files it no longer names are deleted
+after it. A crash therefore leaves either the old store or the new one, plus at worst files that no manifest
+names (`orphan_files` lists them). The basis is never changed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import json
+import os
+import re
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.fit import check_device
+from mergekit_subspace.io.files import _fsync_dir, atomic_directory, atomic_write_bytes, sha256_bytes
+from mergekit_subspace.io.store import BASIS, MANIFEST, TASKS_DIR, expand_manifest, manifest_bytes, task_file
+from mergekit_subspace.lowrank import LowRankDelta, SlotProjector
+from mergekit_subspace.recipe import check_task_name, expand_entries
+from mergekit_subspace.report import human_bytes, table
+from mergekit_subspace.sources import TaskSource, check_unique_names, lora_task
+
+if TYPE_CHECKING:
+    from mergekit_subspace.subspace import SubspaceStore
+
+CARD = "README.md"
+STAGING_PREFIX = ".add-many."
+# https://huggingface.co/docs/hub/models-uploading: a repo id is `name` or `owner/name`
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_AUTO_CLASSES = {  # PEFT task_type -> the transformers class its base loads with
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+def task_rows(store: SubspaceStore) -> list[dict[str, Any]]:
+    """One row per task, sorted by name: kind, source, rel_error, added_after_fit, bytes (of its task file)."""
+    rows = []
+    for name, entry in sorted(store.manifest["tasks"].items()):
+        path = store.path / entry["file"]
+        rows.append(
+            {
+                "name": name,
+                "kind": entry["kind"],
+                "source": entry["source"],
+                "rel_error": entry["rel_error"],
+                "added_after_fit": entry["added_after_fit"],
+                "bytes": path.stat().st_size if path.is_file() else None,
+            }
+        )
+    return rows
+
+
+def format_task_rows(rows: list[dict[str, Any]]) -> str:
+    """The rows of `task_rows` as a plain-text table (a missing task file shows as 'missing')."""
+    cells = [
+        [
+            row["name"],
+            row["kind"],
+            f"{row['rel_error']:.4f}",
+            "yes" if row["added_after_fit"] else "no",
+            "missing" if row["bytes"] is None else human_bytes(row["bytes"]),
+            row["source"],
+        ]
+        for row in rows
+    ]
+    return table(["task", "kind", "rel_error", "added", "bytes", "source"], cells)
+
+
+def orphan_files(store: SubspaceStore) -> list[Path]:
+    """Files in the store folder that its manifest does not name: left by a crash (or by hand). Harmless,
+    but they take space; deleting them leaves the store as its manifest says."""
+    named = {store.path / MANIFEST, store.path / BASIS} | {
+        store.path / rel for rel in store.manifest["files"]
+    }
+    found = []
+    for path in sorted(store.path.rglob("*")):
+        if path.is_file() and path not in named:
+            found.append(path)
+    return found
+
+
+def select_tasks(store: SubspaceStore, patterns: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Task names matching any of the globs (fnmatch, case-sensitive), all tasks when none is given."""
+    names = store.tasks
+    if not patterns:
+        return names
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        shown = ", ".join(repr(p) for p in patterns)
+        raise SubspaceError(f"no task matches {shown} (known: {', '.join(names) or 'none'})", store.path)
+    return chosen
+
+
+# ---- changing ---------------------------------------------------------------------------------------------
+def _write_manifest(store: SubspaceStore, manifest: dict[str, Any]) -> None:
+    """Swap the manifest atomically; the open store then reads exactly what a reopen would."""
+    data = manifest_bytes(manifest)
+    atomic_write_bytes(store.path / MANIFEST, data)
+    store.files.manifest = expand_manifest(json.loads(data), store.path / MANIFEST)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _check_single_process(what: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SubspaceError(f"{what} runs in one process; run it without torchrun")
+
+
+def remove_tasks(store: SubspaceStore, names: list[str] | tuple[str, ...]) -> list[str]:
+    """Remove tasks (manifest entries, slots' task lists, task files) in one manifest write; basis unchanged.
+
+    Every name is checked before anything changes; the new manifest is written first and the task files it
+    no longer names are deleted after it. Returns the removed names, sorted.
+    """
+    _check_single_process("rm")
+    if not names:
+        raise SubspaceError("name at least one task to remove", store.path)
+    tasks = store.manifest["tasks"]
+    unknown = sorted({n for n in names if n not in tasks})
+    if unknown:
+        known = ", ".join(store.tasks) or "none"
+        raise SubspaceError(f"has no task {', '.join(repr(n) for n in unknown)} (known: {known})", store.path)
+    doomed = sorted(set(names))
+    if len(doomed) == len(tasks):
+        raise SubspaceError(
+            "removing every task would leave only the basis; delete the store folder instead", store.path
+        )
+    manifest = copy.deepcopy(store.manifest)
+    files = []
+    for name in doomed:
+        entry = manifest["tasks"].pop(name)
+        manifest["files"].pop(entry["file"], None)
+        files.append(store.path / entry["file"])
+    for meta in manifest["slots"].values():
+        meta["tasks"] = [t for t in meta["tasks"] if t not in doomed]
+    _write_manifest(store, manifest)
+    for path in files:
+        _unlink_quietly(path)
+    return doomed
+
+
+def rename_task(store: SubspaceStore, old: str, new: str) -> None:
+    """Rename a task: its file is written under the new name, the manifest swapped, the old file removed."""
+    _check_single_process("rename")
+    check_task_name(new)
+    entry = store._entry(old)
+    if new == old:
+        raise SubspaceError(f"task '{old}' already has that name", store.path)
+    if new in store.manifest["tasks"]:
+        raise SubspaceError(f"task name '{new}' is already in the store; pick another", store.path)
+    old_path = store.path / entry["file"]
+    if not old_path.is_file():
+        raise SubspaceError("task file is missing; run verify", old_path)
+    data = old_path.read_bytes()
+    digest = store.manifest["files"].get(entry["file"])
+    if sha256_bytes(data) != digest:
+        raise SubspaceError("task file was altered (sha256 differs from the manifest); run verify", old_path)
+    manifest = copy.deepcopy(store.manifest)
+    moved = manifest["tasks"].pop(old)
+    moved["file"] = task_file(new)
+    manifest["tasks"][new] = moved
+    manifest["files"].pop(entry["file"])
+    manifest["files"][task_file(new)] = digest
+    for meta in manifest["slots"].values():
+        meta["tasks"] = sorted(new if t == old else t for t in meta["tasks"])
+    new_path = store.path / task_file(new)
+    atomic_write_bytes(new_path, data)  # a task file holds no name: the bytes stay the same
+    try:
+        _write_manifest(store, manifest)
+    except BaseException:
+        _unlink_quietly(new_path)
+        raise
+    _unlink_quietly(old_path)
+
+
+def expand_adapters(patterns: list[str] | tuple[str, ...]) -> list[Path]:
+    """Adapter folders from paths and globs (a glob matches folders, sorted; one that matches none is an
+    error), as a recipe's `adapters:` list expands."""
+    if not patterns:
+        raise SubspaceError("name at least one adapter folder or glob")
+    return [path for path, _, _ in expand_entries([str(p) for p in patterns], None)]
+
+
+def add_many(
+    store: SubspaceStore,
+    adapters: list[str | Path | TaskSource] | tuple[str | Path | TaskSource, ...],
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Project several adapters onto the store's bases and add them with one manifest write.
+
+    Every adapter's config and header is read, and names and shapes checked, before anything is projected;
+    the task files are staged in a hidden folder while projecting, moved into the store when all succeeded,
+    and the manifest is written last. A bad adapter (unreadable, non-finite, wrong shape) or a repeated name
+    refuses the whole batch and the store stays byte-identical. Returns each added task's manifest entry with
+    its name, in input order.
+    """
+    from mergekit_subspace.subspace import _task_file_and_entry, encode_slot
+
+    _check_single_process("add-many")
+    device = check_device(device)
+    sources = [
+        a if isinstance(a, TaskSource) else lora_task(a, allow_pickle=allow_pickle)
+        for a in tqdm(adapters, desc="read adapters", disable=None if progress else True, leave=False)
+    ]
+    if not sources:
+        raise SubspaceError("name at least one adapter to add", store.path)
+    check_unique_names(sources, taken=set(store.manifest["tasks"]))
+    for source in sources:
+        store._check_fits(source)
+    dtype = store.manifest["settings"]["dtype"]
+    projectors: dict[str, SlotProjector] = {}
+
+    def projector(module: str) -> SlotProjector:
+        if module not in projectors:
+            projectors[module] = SlotProjector(*(t.to(device) for t in store.basis(module)))
+        return projectors[module]
+
+    manifest = copy.deepcopy(store.manifest)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=".partial", dir=str(store.path)))
+    moved: list[Path] = []
+    try:
+        for source in tqdm(sources, desc="add adapters", disable=None if progress else True, leave=False):
+            slots = {}
+            for module in sorted(source.shapes):
+                delta = source.slots[module]
+                if device != "cpu":
+                    delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
+                slots[module] = encode_slot(source, module, delta, projector(module), dtype)
+            data, entry = _task_file_and_entry(source, slots, dtype, added=True)
+            atomic_write_bytes(staging / f"{source.name}.safetensors", data)
+            manifest["tasks"][source.name] = entry
+            manifest["files"][task_file(source.name)] = sha256_bytes(data)
+            for module in slots:
+                manifest["slots"][module]["tasks"] = sorted(
+                    manifest["slots"][module]["tasks"] + [source.name]
+                )
+        (store.path / TASKS_DIR).mkdir(exist_ok=True)
+        for source in sources:
+            target = store.path / task_file(source.name)
+            os.replace(staging / f"{source.name}.safetensors", target)
+            moved.append(target)
+        _fsync_dir(store.path / TASKS_DIR)
+        _write_manifest(store, manifest)
+    except BaseException:
+        for path in moved:
+            _unlink_quietly(path)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [{"name": s.name, **store.manifest["tasks"][s.name]} for s in sources]
+
+
+# ---- writing PEFT folders ---------------------------------------------------------------------------------
+def reconstruct_all(
+    store: SubspaceStore,
+    out: str | Path,
+    patterns: tuple[str, ...] | list[str] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Every task matching the globs (all when none) as a PEFT folder OUT/<task>/, each written atomically.
+    Existing task folders are refused, all checked before the first is written, unless `overwrite`."""
+    out = Path(out)
+    names = select_tasks(store, patterns)
+    if out.exists() and not out.is_dir():
+        raise SubspaceError("is not a folder", out)
+    if not overwrite:
+        taken = [n for n in names if (out / n).exists()]
+        if taken:
+            raise SubspaceError(
+                f"already holds {', '.join(taken)}; choose another folder or pass --overwrite", out
+            )
+    written = {}
+    for name in tqdm(names, desc="reconstruct", disable=None if progress else True, leave=False):
+        written[name] = store.reconstruct(name, out / name, overwrite=overwrite)
+    return written
+
+
+def hub_model_id(base: str | None) -> str | None:
+    """The Hugging Face hub id a base path stands for: an HF cache snapshot folder gives its `owner/name`,
+    a string that is no local path and looks like a repo id is one; otherwise None (a local folder)."""
+    if not base:
+        return None
+    match = _CACHE_SNAPSHOT.search(str(base))
+    if match:
+        return f"{match['owner']}/{match['name']}"
+    if Path(base).exists() or not _HUB_ID.match(base):
+        return None
+    return base
+
+
+def _base_model(store: SubspaceStore, entry: dict[str, Any]) -> str | None:
+    named = entry["peft_config"].get("base_model_name_or_path")
+    if named:
+        return str(named)
+    recorded = store.manifest.get("base_model") or {}
+    return recorded.get("path")
+
+
+def _k_summary(store: SubspaceStore, entry: dict[str, Any]) -> list[str]:
+    """Markdown lines: how many slots have each (k_out, k_in), the LoRA ranks written, the per-slot errors."""
+    slots = store.manifest["slots"]
+    modules = sorted(entry["slots"])
+    groups: dict[tuple[int, int], int] = {}
+    ranks, errors = [], {}
+    for module in modules:
+        k_out, k_in = int(slots[module]["k_out"]), int(slots[module]["k_in"])
+        groups[(k_out, k_in)] = groups.get((k_out, k_in), 0) + 1
+        ranks.append(min(int(entry["slots"][module]["rank"]), k_out, k_in))
+        errors[module] = float(entry["slots"][module]["rel_error"])
+    worst = max(errors, key=lambda m: errors[m])
+    lines = [
+        f"{len(modules)} slots (one layer's one target module each). Per slot the store keeps a left basis of "
+        "k_out and a right basis of k_in columns, shared by every task, and for this task a k_out x k_in core.",
+        "",
+        "| k_out | k_in | slots |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {k_out} | {k_in} | {count} |" for (k_out, k_in), count in sorted(groups.items())]
+    lines += [
+        "",
+        "LoRA rank written per slot (min(source rank, k_out, k_in)): "
+        + (f"{min(ranks)}. " if min(ranks) == max(ranks) else f"{min(ranks)} to {max(ranks)}. ")
+        + f"Relative error per slot: median {statistics.median(errors.values()):.4f}, "
+        f"worst {errors[worst]:.4f} (`{worst}`).",
+    ]
+    return lines
+
+
+def model_card(
+    store: SubspaceStore, name: str, command: str | None = None, base_model_id: str | None = None
+) -> str:
+    """README.md for an exported task: hub front matter (base_model, library_name: peft, tags) and what the
+    folder is, where it came from and how far it is from its source."""
+    entry = store._entry(name)
+    base = _base_model(store, entry)
+    hub_id = base_model_id or hub_model_id(base)
+    front: dict[str, Any] = {}
+    if hub_id:
+        front["base_model"] = hub_id
+    front |= {"library_name": "peft", "tags": ["lora", "mergekit-subspace"]}
+    settings = store.manifest["settings"]
+    command = command or f"SubspaceStore({str(store.path)!r}).export({name!r}, ...)"
+    base_text = f"`{base}`" if base else "not recorded"
+    if base and not hub_id:
+        base_text += " (a local folder: set `base_model:` above to its hub id before uploading)"
+    rows = [
+        ("base model", base_text),
+        (
+            "task",
+            f"`{name}` ({entry['kind']}" + (", added after the fit)" if entry["added_after_fit"] else ")"),
+        ),
+        ("source", f"`{entry['source']}`"),
+        ("source sha256", f"`{entry['source_sha256']}`" if entry.get("source_sha256") else "not recorded"),
+        (
+            "relative error",
+            f"{entry['rel_error']:.6f} (‖D - D_source‖_F / ‖D_source‖_F of the weight deltas, over all "
+            f"{len(entry['slots'])} slots)",
+        ),
+        (
+            "store",
+            f"`{store.path}` (format `{store.manifest['format']}`, numbers stored as {settings['dtype']}, "
+            f"{len(store.manifest['tasks'])} tasks)",
+        ),
+        ("made with", f"`{command}`"),
+    ]
+    if entry["extras"]:
+        rows.append(("kept verbatim", ", ".join(f"`{key}`" for key in entry["extras"])))
+    if "energy_dropped" in entry:
+        rows.append(("energy dropped", f"{entry['energy_dropped']:.6f} (truncating the fine-tune to LoRA)"))
+    load_base = hub_id or base or "BASE_MODEL"
+    auto_class = _AUTO_CLASSES.get(str(entry["peft_config"].get("task_type")), "AutoModel")
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A LoRA adapter for `{load_base}` in the standard PEFT format, reconstructed by mergekit-subspace from a "
+        "store that keeps one shared low-rank basis per layer and a small core per task. PEFT loads it with "
+        "`PeftModel.from_pretrained`, and vLLM and LoRAX serve it as any LoRA adapter.",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in rows),
+        "",
+        "## k per slot",
+        "",
+        *_k_summary(store, entry),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import {auto_class}",
+        "",
+        f"base = {auto_class}.from_pretrained({json.dumps(load_base)})",
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_task(
+    store: SubspaceStore,
+    name: str,
+    out: str | Path,
+    overwrite: bool = False,
+    command: str | None = None,
+    base_model_id: str | None = None,
+) -> Path:
+    """Task `name` as a PEFT folder (exactly what `reconstruct` writes) plus README.md, written atomically."""
+    if base_model_id is not None and not _HUB_ID.match(base_model_id):
+        raise SubspaceError(f"'{base_model_id}' is not a hub model id (owner/name)")
+    card = model_card(store, name, command, base_model_id)
+    out = Path(out)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        staged = store.reconstruct(name, tmp / "peft")
+        for child in sorted(staged.iterdir()):
+            os.replace(child, tmp / child.name)
+        staged.rmdir()
+        (tmp / CARD).write_text(card, encoding="utf-8")
+    return out
+
+
+__all__ = [
+    "add_many",
+    "expand_adapters",
+    "export_task",
+    "format_task_rows",
+    "hub_model_id",
+    "model_card",
+    "orphan_files",
+    "reconstruct_all",
+    "remove_tasks",
+    "rename_task",
+    "select_tasks",
+    "task_rows",
+]
