@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import fnmatch
 import json
 import os
@@ -18,8 +19,9 @@ import re
 import shutil
 import statistics
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from tqdm.auto import tqdm
@@ -27,14 +29,12 @@ from tqdm.auto import tqdm
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import check_device
 from mergekit_subspace.io.files import _fsync_dir, atomic_directory, atomic_write_bytes, sha256_bytes
-from mergekit_subspace.io.store import BASIS, MANIFEST, TASKS_DIR, expand_manifest, manifest_bytes, task_file
+from mergekit_subspace.io.store import BASIS, MANIFEST, TASKS_DIR, manifest_bytes, task_file
 from mergekit_subspace.lowrank import LowRankDelta, SlotProjector
 from mergekit_subspace.recipe import check_task_name, expand_entries
 from mergekit_subspace.report import human_bytes, table
 from mergekit_subspace.sources import TaskSource, check_unique_names, lora_task
-
-if TYPE_CHECKING:
-    from mergekit_subspace.subspace import SubspaceStore
+from mergekit_subspace.subspace import SubspaceStore, _task_file_and_entry, encode_slot
 
 CARD = "README.md"
 STAGING_PREFIX = ".add-many."
@@ -111,11 +111,50 @@ def select_tasks(store: SubspaceStore, patterns: tuple[str, ...] | list[str] = (
 
 
 # ---- changing ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _store_lock(store: SubspaceStore, changed_since: str | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on the store folder (the lock `add` takes, so writers take turns) and reopen
+    the store from disk, so a change is made to the manifest as it is now.
+
+    With `changed_since` (a `_manifest_digest` taken earlier) a store whose manifest changed meanwhile is
+    refused instead: work done against the old manifest would undo what the other writer did.
+    """
+    try:
+        fd = os.open(str(store.path), os.O_RDONLY)
+    except OSError as exc:
+        raise SubspaceError(f"cannot be opened ({exc.strerror or exc})", store.path) from None
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without flock: take turns is then the user's job
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if changed_since is not None and _manifest_digest(store) != changed_since:
+            raise SubspaceError(
+                "changed while this ran (another add, rm or rename meanwhile); nothing was written, run it "
+                "again",
+                store.path / MANIFEST,
+            )
+        _reopen(store)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _manifest_digest(store: SubspaceStore) -> str:
+    path = store.path / MANIFEST
+    try:
+        return sha256_bytes(path.read_bytes())
+    except OSError as exc:
+        raise SubspaceError(f"cannot be read ({exc.strerror or exc})", path) from None
+
+
+def _reopen(store: SubspaceStore) -> None:
+    """Read the store's files again, so the open store sees exactly what a reopen does."""
+    store.files = type(store.files)(store.path)
+
+
 def _write_manifest(store: SubspaceStore, manifest: dict[str, Any]) -> None:
-    """Swap the manifest atomically; the open store then reads exactly what a reopen would."""
-    data = manifest_bytes(manifest)
-    atomic_write_bytes(store.path / MANIFEST, data)
-    store.files.manifest = expand_manifest(json.loads(data), store.path / MANIFEST)
+    """Swap the manifest atomically, then reopen the store from it."""
+    atomic_write_bytes(store.path / MANIFEST, manifest_bytes(manifest))
+    _reopen(store)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -137,27 +176,29 @@ def remove_tasks(store: SubspaceStore, names: list[str] | tuple[str, ...]) -> li
     _check_single_process("rm")
     if not names:
         raise SubspaceError("name at least one task to remove", store.path)
-    tasks = store.manifest["tasks"]
-    unknown = sorted({n for n in names if n not in tasks})
-    if unknown:
-        known = ", ".join(store.tasks) or "none"
-        raise SubspaceError(f"has no task {', '.join(repr(n) for n in unknown)} (known: {known})", store.path)
-    doomed = sorted(set(names))
-    if len(doomed) == len(tasks):
-        raise SubspaceError(
-            "removing every task would leave only the basis; delete the store folder instead", store.path
-        )
-    manifest = copy.deepcopy(store.manifest)
-    files = []
-    for name in doomed:
-        entry = manifest["tasks"].pop(name)
-        manifest["files"].pop(entry["file"], None)
-        files.append(store.path / entry["file"])
-    for meta in manifest["slots"].values():
-        meta["tasks"] = [t for t in meta["tasks"] if t not in doomed]
-    _write_manifest(store, manifest)
-    for path in files:
-        _unlink_quietly(path)
+    with _store_lock(store):
+        tasks = store.manifest["tasks"]
+        unknown = sorted({n for n in names if n not in tasks})
+        if unknown:
+            known = ", ".join(store.tasks) or "none"
+            shown = ", ".join(repr(n) for n in unknown)
+            raise SubspaceError(f"has no task {shown} (known: {known})", store.path)
+        doomed = sorted(set(names))
+        if len(doomed) == len(tasks):
+            raise SubspaceError(
+                "removing every task would leave only the basis; delete the store folder instead", store.path
+            )
+        manifest = copy.deepcopy(store.manifest)
+        files = []
+        for name in doomed:
+            entry = manifest["tasks"].pop(name)
+            manifest["files"].pop(entry["file"], None)
+            files.append(store.path / entry["file"])
+        for meta in manifest["slots"].values():
+            meta["tasks"] = [t for t in meta["tasks"] if t not in doomed]
+        _write_manifest(store, manifest)
+        for path in files:
+            _unlink_quietly(path)
     return doomed
 
 
@@ -165,34 +206,37 @@ def rename_task(store: SubspaceStore, old: str, new: str) -> None:
     """Rename a task: its file is written under the new name, the manifest swapped, the old file removed."""
     _check_single_process("rename")
     check_task_name(new)
-    entry = store._entry(old)
-    if new == old:
-        raise SubspaceError(f"task '{old}' already has that name", store.path)
-    if new in store.manifest["tasks"]:
-        raise SubspaceError(f"task name '{new}' is already in the store; pick another", store.path)
-    old_path = store.path / entry["file"]
-    if not old_path.is_file():
-        raise SubspaceError("task file is missing; run verify", old_path)
-    data = old_path.read_bytes()
-    digest = store.manifest["files"].get(entry["file"])
-    if sha256_bytes(data) != digest:
-        raise SubspaceError("task file was altered (sha256 differs from the manifest); run verify", old_path)
-    manifest = copy.deepcopy(store.manifest)
-    moved = manifest["tasks"].pop(old)
-    moved["file"] = task_file(new)
-    manifest["tasks"][new] = moved
-    manifest["files"].pop(entry["file"])
-    manifest["files"][task_file(new)] = digest
-    for meta in manifest["slots"].values():
-        meta["tasks"] = sorted(new if t == old else t for t in meta["tasks"])
-    new_path = store.path / task_file(new)
-    atomic_write_bytes(new_path, data)  # a task file holds no name: the bytes stay the same
-    try:
-        _write_manifest(store, manifest)
-    except BaseException:
-        _unlink_quietly(new_path)
-        raise
-    _unlink_quietly(old_path)
+    with _store_lock(store):
+        entry = store._entry(old)
+        if new == old:
+            raise SubspaceError(f"task '{old}' already has that name", store.path)
+        if new in store.manifest["tasks"]:
+            raise SubspaceError(f"task name '{new}' is already in the store; pick another", store.path)
+        old_path = store.path / entry["file"]
+        if old_path.is_symlink() or not old_path.is_file():
+            raise SubspaceError("task file is missing; run verify", old_path)
+        data = old_path.read_bytes()
+        digest = store.manifest["files"].get(entry["file"])
+        if sha256_bytes(data) != digest:
+            raise SubspaceError(
+                "task file was altered (sha256 differs from the manifest); run verify", old_path
+            )
+        manifest = copy.deepcopy(store.manifest)
+        moved = manifest["tasks"].pop(old)
+        moved["file"] = task_file(new)
+        manifest["tasks"][new] = moved
+        manifest["files"].pop(entry["file"])
+        manifest["files"][task_file(new)] = digest
+        for meta in manifest["slots"].values():
+            meta["tasks"] = sorted(new if t == old else t for t in meta["tasks"])
+        new_path = store.path / task_file(new)
+        atomic_write_bytes(new_path, data)  # a task file holds no name: the bytes stay the same
+        try:
+            _write_manifest(store, manifest)
+        except BaseException:
+            _unlink_quietly(new_path)
+            raise
+        _unlink_quietly(old_path)
 
 
 def expand_adapters(patterns: list[str] | tuple[str, ...]) -> list[Path]:
@@ -201,6 +245,21 @@ def expand_adapters(patterns: list[str] | tuple[str, ...]) -> list[Path]:
     if not patterns:
         raise SubspaceError("name at least one adapter folder or glob")
     return [path for path, _, _ in expand_entries([str(p) for p in patterns], None)]
+
+
+@contextlib.contextmanager
+def _staging_folder(store: SubspaceStore) -> Iterator[Path]:
+    """A hidden folder in the store for task files not yet part of it, locked (so a cleaner of leftovers
+    leaves it alone while it is in use) and removed afterwards."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=".partial", dir=str(store.path)))
+    fd = os.open(str(staging), os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield staging
+    finally:
+        os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def add_many(
@@ -218,10 +277,10 @@ def add_many(
     refuses the whole batch and the store stays byte-identical. Returns each added task's manifest entry with
     its name, in input order.
     """
-    from mergekit_subspace.subspace import _task_file_and_entry, encode_slot
-
     _check_single_process("add-many")
     device = check_device(device)
+    with _store_lock(store):
+        started = _manifest_digest(store)
     sources = [
         a if isinstance(a, TaskSource) else lora_task(a, allow_pickle=allow_pickle)
         for a in tqdm(adapters, desc="read adapters", disable=None if progress else True, leave=False)
@@ -239,10 +298,8 @@ def add_many(
             projectors[module] = SlotProjector(*(t.to(device) for t in store.basis(module)))
         return projectors[module]
 
-    manifest = copy.deepcopy(store.manifest)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=".partial", dir=str(store.path)))
-    moved: list[Path] = []
-    try:
+    staged: dict[str, tuple[str, dict[str, Any]]] = {}  # name -> (sha256, manifest entry)
+    with _staging_folder(store) as staging:
         for source in tqdm(sources, desc="add adapters", disable=None if progress else True, leave=False):
             slots = {}
             for module in sorted(source.shapes):
@@ -252,25 +309,27 @@ def add_many(
                 slots[module] = encode_slot(source, module, delta, projector(module), dtype)
             data, entry = _task_file_and_entry(source, slots, dtype, added=True)
             atomic_write_bytes(staging / f"{source.name}.safetensors", data)
-            manifest["tasks"][source.name] = entry
-            manifest["files"][task_file(source.name)] = sha256_bytes(data)
-            for module in slots:
-                manifest["slots"][module]["tasks"] = sorted(
-                    manifest["slots"][module]["tasks"] + [source.name]
-                )
-        (store.path / TASKS_DIR).mkdir(exist_ok=True)
-        for source in sources:
-            target = store.path / task_file(source.name)
-            os.replace(staging / f"{source.name}.safetensors", target)
-            moved.append(target)
-        _fsync_dir(store.path / TASKS_DIR)
-        _write_manifest(store, manifest)
-    except BaseException:
-        for path in moved:
-            _unlink_quietly(path)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            staged[source.name] = (sha256_bytes(data), entry)
+        with _store_lock(store, changed_since=started):
+            manifest = copy.deepcopy(store.manifest)
+            for name, (digest, entry) in staged.items():
+                manifest["tasks"][name] = entry
+                manifest["files"][task_file(name)] = digest
+                for module in entry["slots"]:
+                    manifest["slots"][module]["tasks"] = sorted(manifest["slots"][module]["tasks"] + [name])
+            (store.path / TASKS_DIR).mkdir(exist_ok=True)
+            moved: list[Path] = []
+            try:
+                for name in staged:
+                    target = store.path / task_file(name)
+                    os.replace(staging / f"{name}.safetensors", target)
+                    moved.append(target)
+                _fsync_dir(store.path / TASKS_DIR)
+                _write_manifest(store, manifest)
+            except BaseException:
+                for path in moved:
+                    _unlink_quietly(path)
+                raise
     return [{"name": s.name, **store.manifest["tasks"][s.name]} for s in sources]
 
 

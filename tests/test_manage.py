@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from test_store import compress_zoo
 
 from mergekit_subspace.cli import main
+from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.manage import hub_model_id
 from mergekit_subspace.subspace import SubspaceStore
 
@@ -124,15 +125,17 @@ def test_rm(store_path: Path, tiny_bert: Path, tmp_path: Path) -> None:
     assert run("rm", store_path).exit_code == 2  # no names: click's usage error
     assert snapshot(store_path) == before
 
-
-def test_rm_crash_after_manifest_leaves_orphans_only(store_path: Path) -> None:
-    """The state a crash between the manifest write and the deletes leaves: a store that verifies, and the
-    old file reported as an orphan."""
-    kept = (store_path / "tasks" / "task1.safetensors").read_bytes()
+    # the state a crash between the manifest write and the deletes leaves: a store that verifies, and the
+    # old task file reported as an orphan
+    stale = (store_path / "tasks" / "task1.safetensors").read_bytes()
     SubspaceStore(store_path).remove("task1")
-    (store_path / "tasks" / "task1.safetensors").write_bytes(kept)
-    assert ok("verify", store_path).startswith("ok:")
-    assert SubspaceStore(store_path).orphans() == [store_path / "tasks" / "task1.safetensors"]
+    (store_path / "tasks" / "task1.safetensors").write_bytes(stale)
+    store = SubspaceStore(store_path)
+    assert store.tasks == ["task0", "task3"] and store.orphans() == [
+        store_path / "tasks" / "task1.safetensors"
+    ]
+    problems = [line for line in run("verify", store_path).output.splitlines() if line.startswith("FAIL")]
+    assert all("task1.safetensors" in line and "orphan" in line for line in problems), problems
 
 
 def test_rename(store_path: Path, tmp_path: Path) -> None:
@@ -293,3 +296,40 @@ def test_hub_model_id(tmp_path: Path) -> None:
     assert hub_model_id("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
     assert hub_model_id(str(tmp_path)) is None
     assert hub_model_id(None) is None
+
+
+def test_add_many_refuses_a_store_changed_meanwhile(
+    tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer between the start of add-many and its manifest write: the batch is refused whole, the
+    other writer's change stays, and no staged file is left."""
+    import mergekit_subspace.manage as manage
+
+    store_path = compress_zoo(tmp_path / "s", tiny_bert, bert_zoo[1:3])
+    real = manage.encode_slot
+    calls = []
+
+    def meddling(*args, **kwargs):
+        if not calls:
+            SubspaceStore(store_path).rename("task1", "other")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(manage, "encode_slot", meddling)
+    with pytest.raises(SubspaceError, match="changed while this ran"):
+        SubspaceStore(store_path).add_many([bert_zoo[0], bert_zoo[3]], progress=False)
+    store = assert_intact(store_path)
+    assert store.tasks == ["other", "task2"]
+    assert sorted(p.name for p in store_path.iterdir()) == ["basis.safetensors", "manifest.json", "tasks"]
+
+
+def test_an_open_store_keeps_working_after_changes(store_path: Path, bert_zoo: list[Path]) -> None:
+    store = SubspaceStore(store_path)
+    store.remove("task4")
+    store.rename("task3", "renamed")
+    assert store.manifest == SubspaceStore(store_path).manifest
+    store.add(bert_zoo[4])  # the same object, after rm and rename
+    store.add_many([bert_zoo[3]], progress=False)
+    assert store.tasks == ["renamed", "task0", "task1", "task2", "task3", "task4"]
+    assert store.manifest == SubspaceStore(store_path).manifest
+    assert_intact(store_path)
