@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.errors import SubspaceError, one_line
+from mergekit_subspace.extras import require_extras
 from mergekit_subspace.report import format_info
 
 EXIT_BAD_INPUT = 2
@@ -25,7 +26,8 @@ DEVICE = click.option(
 
 
 def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn SubspaceError into one clear line on stderr and a non-zero exit, not a traceback."""
+    """Turn SubspaceError, and the OS's own errors (a full disk, a permission, a file gone), into one clear
+    line on stderr and exit code 2, not a traceback."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -34,6 +36,25 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
         except SubspaceError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_BAD_INPUT)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {one_line(where + (exc.strerror or str(exc)))}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper
+
+
+def _needs_extras(command: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """Check the optional dependencies `command` needs before it does any work."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            require_extras(command)
+        except SubspaceError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        return func(*args, **kwargs)
 
     return wrapper
 
@@ -147,6 +168,7 @@ def bench(recipe: str, out: str, overwrite: bool) -> None:
     Scores, through PEFT: original, reconstructed, mean_adapter, per_task_svd (equal bytes), leave_one_out,
     base_only and vLoRA (if installed), and writes OUT/results.json, OUT/report.md and plots.
     """
+    require_extras("bench")
     from mergekit_subspace.bench.run import run_bench
 
     results = run_bench(recipe, out, overwrite=overwrite)
@@ -173,6 +195,7 @@ def _register_feature_commands() -> None:
 
 
 _register_feature_commands()
+main.commands["serve"].callback = _needs_extras("serve", main.commands["serve"].callback)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

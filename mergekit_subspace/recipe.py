@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.errors import SubspaceError, validation_message
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
@@ -29,6 +29,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _no_bool(value: object) -> object:
+    """YAML `true` is not a number: refuse it where pydantic would read it as 1."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
 class AdapterEntry(Strict):
     path: str
     name: str | None = None
@@ -38,6 +45,8 @@ class FinetuneEntry(Strict):
     path: str
     name: str | None = None
     max_rank: int = Field(64, ge=1)
+
+    _numbers = field_validator("max_rank", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
 
 class SubspaceSettings(Strict):
@@ -56,6 +65,10 @@ class SubspaceSettings(Strict):
     solver: Literal["auto", "exact", "randomized"] = "auto"
     oversample: int = Field(10, ge=0, le=1024)  # extra sketch columns of the randomized solver
     power_iters: int = Field(3, ge=0, le=20)  # extra passes (block Krylov) of the randomized solver
+
+    _numbers = field_validator(
+        "k", "k_in", "budget_bytes", "energy", "refine", "oversample", "power_iters", mode="before"
+    )(classmethod(lambda cls, v: _no_bool(v)))
 
     @model_validator(mode="after")
     def one_budget(self) -> SubspaceSettings:
@@ -104,12 +117,36 @@ class CompressRecipe(Strict):
 
 
 def _pydantic_message(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "recipe"
-        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
+    """The first few problems on one line (a recipe with 100k bad entries gives one readable line)."""
+    return validation_message(exc.errors())
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key; the constructor below says so
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{str(key)[:80]}' appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as 'problem (line L, column C)', not PyYAML's several lines with a caret."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None and getattr(exc, "position", None) is not None:
+        return f"{problem} (character {exc.position})"  # type: ignore[attr-defined]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(problem)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -117,11 +154,19 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise SubspaceError("recipe not found", path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError:
+        raise SubspaceError("is not valid YAML (not UTF-8 text)", path) from None
     except yaml.YAMLError as exc:
-        raise SubspaceError(f"is not valid YAML ({exc})", path) from exc
+        raise SubspaceError(f"is not valid YAML: {_yaml_problem(exc)}", path) from None
+    except RecursionError:
+        raise SubspaceError("is not valid YAML: nested too deeply", path) from None
+    except OSError as exc:
+        raise SubspaceError(f"cannot be read ({exc.strerror or exc})", path) from None
     if not isinstance(data, dict):
         raise SubspaceError("must be a YAML mapping of recipe keys", path)
+    if not all(isinstance(key, str) for key in data):
+        raise SubspaceError("recipe keys must be strings", path)
     return data
 
 
