@@ -11,11 +11,12 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.errors import SubspaceError, validation_message
 from mergekit_subspace.io.files import (
     TensorFile,
     atomic_directory,
@@ -91,19 +92,83 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+MAX_PATTERN_CHARS = 512
+PositiveFinite = Annotated[float, AllowInfNan(False), Field(gt=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _check_regex(key: str) -> str:
+    """A rank_pattern / alpha_pattern key or a target_modules string: a regex, compiled as PEFT uses it."""
+    if len(key) > MAX_PATTERN_CHARS:
+        raise ValueError(f"a pattern of {len(key)} characters (at most {MAX_PATTERN_CHARS})")
+    try:
+        re.compile(rf"(.*\.)?({key})$")
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ValueError(f"'{key[:60]}' is not a valid regular expression ({exc})") from None
+    return key
+
+
+class LoraConfigModel(BaseModel):
+    """The fields of a PEFT LoraConfig this tool reads, with their JSON types (strict: no "8" for 8, no
+    true for 1). Other keys are allowed: PEFT adds fields from version to version."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    peft_type: str
+    r: PositiveInt = 8
+    lora_alpha: PositiveFinite = 8.0
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, PositiveInt] | None = None
+    alpha_pattern: dict[str, PositiveFinite] | None = None
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    lora_bias: bool = False
+    inference_mode: bool = False
+    use_dora: bool | None = False
+    use_qalora: bool | None = False
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def keys_are_regexes(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in value or {}:
+            _check_regex(key)
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def string_is_regex(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, str):
+            _check_regex(value)
+        return value
+
+
 def _validate_config(config: Any, path: Path) -> dict[str, Any]:
+    """Check an adapter_config.json before use; returns it unchanged (the store keeps it as it was)."""
     if not isinstance(config, dict):
         raise SubspaceError("is not a JSON object", path)
     peft_type = config.get("peft_type")
     if peft_type is None:
         raise SubspaceError("has no 'peft_type'; not a PEFT adapter config", path)
-    if str(peft_type).upper() != "LORA":
+    if not isinstance(peft_type, str):
+        raise SubspaceError(f"peft_type must be a string, not {type(peft_type).__name__}", path)
+    if peft_type.upper() != "LORA":
         raise SubspaceError(
-            f"is a {peft_type} adapter; only LoRA adapters (peft_type LORA) are supported", path
+            f"is a {peft_type[:60]} adapter; only LoRA adapters (peft_type LORA) are supported", path
         )
     for flag, why in _REFUSED_FLAGS.items():
         if config.get(flag):
             raise SubspaceError(f"is not a plain LoRA: {why}, so it cannot be stored as B @ A", path)
+    try:
+        LoraConfigModel.model_validate(config)
+    except ValidationError as exc:
+        raise SubspaceError(f"is not a valid LoRA config: {validation_message(exc.errors())}", path) from None
     return config
 
 
@@ -204,6 +269,11 @@ def read_lora_adapter(folder: str | Path, allow_pickle: bool = False) -> LoraAda
             )
         if rank < 1:
             raise SubspaceError(f"module '{module}' has rank 0 factors; nothing to store", weights_path)
+        if m < 1 or n < 1:
+            raise SubspaceError(
+                f"module '{module}': lora_A {(rank, n)} and lora_B {(m, rank_b)} have an empty dimension",
+                weights_path,
+            )
         for key in (sides["A"], sides["B"]):
             dtype = weights.dtypes[key]
             if dtype is None or not dtype.is_floating_point:
