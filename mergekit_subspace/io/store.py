@@ -4,6 +4,12 @@ The manifest is written last and holds the sha256 of every other file, so a stor
 says, and `verify` can tell a damaged one. Canonical JSON and sorted tensor keys make equal inputs give
 byte-identical files.
 
+A store only ever touches `basis.safetensors`, `tasks/<plain task name>.safetensors` and `manifest.json`
+inside its folder: the manifest is validated when it is read (types, ranges, and every file name it holds), no
+file is followed through a symlink, and every file is checked against its sha256 when it is read. The manifest
+carries a digest of its own content (`manifest_sha256`), so `verify` also tells a manifest edited together
+with re-hashed files (this guards against damage and careless edits, not against someone who recomputes it).
+
 The manifest is small on disk: PEFT configs are kept once and referenced by id, per-slot task statistics are
 columns indexed by slot number, floats are rounded, and the JSON has no indentation. `expand_manifest` turns it
 back into the plain nested form the rest of the code reads (`tasks[name]["peft_config"]` is a dict,
@@ -12,22 +18,39 @@ back into the plain nested form the rest of the code reads (`tasks[name]["peft_c
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, ValidationError
 
-from mergekit_subspace.errors import SubspaceError
-from mergekit_subspace.io.codec import PackedCores, SlotLayout, decode, dense_core, encode, unpack_cores
+from mergekit_subspace.errors import SubspaceError, validation_message
+from mergekit_subspace.io.codec import (
+    PackedCores,
+    SlotLayout,
+    decode,
+    dense_core,
+    encode,
+    number_dtype,
+    unpack_cores,
+)
 from mergekit_subspace.io.files import (
     atomic_write_bytes,
+    clean_leftovers,
+    is_leftover,
     json_bytes,
-    load_safetensors,
-    read_json,
+    parse_json,
     sha256_bytes,
     sha256_file,
+    tensors_from_bytes,
 )
+from mergekit_subspace.recipe import TASK_NAME, SubspaceSettings
 
 FORMAT = "mergekit-subspace/2"
 MANIFEST = "manifest.json"
@@ -39,6 +62,8 @@ SCALES_KEY = "core_scales"
 SCALE_SUFFIX = ".scale"
 SLOT_COLUMNS = ("rank", "rho", "norm", "rel_error", "alpha")
 FLOAT_DIGITS = 6
+DIGEST_KEY = "manifest_sha256"
+FLAT_KEYS = frozenset({"slot_table", "spectrum_out"})  # typed as flat lists; not walked for nesting
 
 
 def task_file(name: str) -> str:
@@ -141,10 +166,171 @@ def expand_manifest(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k != "peft_configs"} | {"slots": slots, "tasks": tasks}
 
 
+def _canonical(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def manifest_digest(raw: dict[str, Any]) -> str:
+    """sha256 of an on-disk manifest's canonical JSON without its own digest field."""
+    return sha256_bytes(_canonical({k: v for k, v in raw.items() if k != DIGEST_KEY}))
+
+
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    """Canonical compact JSON of the on-disk manifest."""
-    text = json.dumps(compact_manifest(manifest), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return (text + "\n").encode("utf-8")
+    """Canonical compact JSON of the on-disk manifest, with the digest of its own content."""
+    compact = compact_manifest(manifest)
+    return _canonical(compact | {DIGEST_KEY: manifest_digest(compact)})
+
+
+# ---- what a manifest may hold (checked when it is read) -------------------------------------------------
+
+Finite = Annotated[float, AllowInfNan(False)]
+NonNegFinite = Annotated[float, AllowInfNan(False), Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _SlotModel(_Open):
+    shape: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+    k_out: PositiveInt
+    k_in: PositiveInt
+    k_capped: bool
+    total_rank: NonNegInt
+    captured_energy: Finite
+    spectrum_out: list[Finite]
+    solver: str | None = None
+
+
+class _SlotTable(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    slot: list[NonNegInt]
+    rank: list[PositiveInt]
+    rho: list[NonNegInt] | None = None
+    norm: list[NonNegFinite | None] | None = None
+    rel_error: list[NonNegFinite | None] | None = None
+    alpha: list[Finite | None] | None = None
+
+
+class _TaskModel(_Open):
+    kind: str
+    source: str
+    source_sha256: str
+    source_bytes: NonNegInt
+    file: str
+    peft_config: str
+    dtype: str
+    slot_table: _SlotTable
+    rel_error: NonNegFinite
+    extra_dtypes: dict[str, str]
+    added_after_fit: bool
+    energy_dropped: NonNegFinite | None = None
+
+
+class _StoredConfig(_Open):
+    """The fields of a kept PEFT config that reconstruct, merge and serve read."""
+
+    task_type: str | None = None
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: str | None = None
+
+
+class _BaseIdentity(_Open):
+    path: str | None = None
+    config_sha256: str | None = None
+    model_type: str | None = None
+    architectures: list[str] | None = None
+
+
+class _ManifestModel(_Open):
+    format: str
+    base_model: _BaseIdentity | None
+    settings: dict[str, Any]
+    slots: dict[str, _SlotModel]
+    peft_configs: dict[str, _StoredConfig]
+    tasks: dict[str, _TaskModel]
+    files: dict[str, Sha256]
+    manifest_sha256: Sha256 | None = None
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a writer holds `path` locked right now (atomic writes and staging folders lock theirs)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _is_dtype(name: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and not name.startswith("_")
+        and isinstance(getattr(torch, name, None), torch.dtype)
+    )
+
+
+def check_manifest(raw: dict[str, Any], path: Path) -> None:
+    """Refuse, in one line naming the manifest, anything a store's readers could trip on or be misled by:
+    wrong types or ranges, task names that are not plain, a task file other than tasks/<name>.safetensors,
+    a `files` map naming anything but the basis and the tasks' files, slot tables that do not add up."""
+
+    def damaged(problem: str) -> SubspaceError:
+        return SubspaceError(f"manifest is damaged: {problem}", path)
+
+    try:
+        _ManifestModel.model_validate(raw)
+        SubspaceSettings.model_validate(raw["settings"], strict=True)
+    except ValidationError as exc:
+        raise damaged(validation_message(exc.errors())) from None
+    slots = raw["slots"]
+    for module, meta in slots.items():
+        if meta["k_out"] > meta["shape"][0] or meta["k_in"] > meta["shape"][1]:
+            raise damaged(f"slot '{module}' has k ({meta['k_out']}, {meta['k_in']}) beyond its shape")
+    expected_files = {BASIS}
+    for name, entry in raw["tasks"].items():
+        if not TASK_NAME.match(name) or name in {".", ".."} or len(name) > 200:
+            raise damaged(f"task name '{name[:80]}' is not a plain file name")
+        if entry["file"] != task_file(name):
+            raise damaged(f"task '{name}' names the file '{entry['file'][:120]}', not {task_file(name)}")
+        expected_files.add(entry["file"])
+        if entry["peft_config"] not in raw["peft_configs"]:
+            raise damaged(
+                f"task '{name}' refers to a PEFT config '{entry['peft_config'][:40]}' it does not hold"
+            )
+        if entry["dtype"] not in FLOAT_DTYPES:
+            raise damaged(
+                f"task '{name}' has dtype '{entry['dtype'][:40]}', not one of {', '.join(FLOAT_DTYPES)}"
+            )
+        bad = [d for d in entry["extra_dtypes"].values() if not _is_dtype(d)]
+        if bad:
+            raise damaged(f"task '{name}' has an extra of unknown dtype '{str(bad[0])[:40]}'")
+        table = entry["slot_table"]
+        rows = len(table["slot"])
+        if len(set(table["slot"])) != rows or any(index >= len(slots) for index in table["slot"]):
+            raise damaged(f"task '{name}' has slot numbers that repeat or exceed the {len(slots)} slots")
+        for column in SLOT_COLUMNS:
+            if table.get(column) is not None and len(table[column]) != rows:
+                raise damaged(
+                    f"task '{name}' slot column '{column}' has {len(table[column])} rows, not {rows}"
+                )
+    files = set(raw["files"])
+    if files != expected_files:
+        extra = sorted(files - expected_files)
+        if extra:
+            raise damaged(f"`files` names '{extra[0][:120]}', which is neither the basis nor a task's file")
+        raise damaged(f"`files` has no sha256 for '{sorted(expected_files - files)[0]}'")
 
 
 def slot_layouts(entry: dict[str, Any], slots: dict[str, Any]) -> list[SlotLayout]:
@@ -155,36 +341,109 @@ def slot_layouts(entry: dict[str, Any], slots: dict[str, Any]) -> list[SlotLayou
 
 
 class StoreFiles:
-    """Reads a store folder; loads tensors lazily and checks the format version."""
+    """Reads a store folder: checks the manifest when it opens, loads tensors lazily, and checks each file
+    it reads against the manifest's sha256."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise SubspaceError("store folder not found", self.root)
+        self._basis: dict[str, torch.Tensor] | None = None
+        self._load_manifest(self._read_plain(self.root / MANIFEST, "file not found"))
+
+    def _load_manifest(self, data: bytes) -> None:
         manifest_path = self.root / MANIFEST
-        raw = read_json(manifest_path)
+        raw = parse_json(data, manifest_path, skip=FLAT_KEYS)
         found = raw.get("format") if isinstance(raw, dict) else None
         if found != FORMAT:
             hint = "; recompress it with this version" if str(found).startswith("mergekit-subspace/") else ""
-            raise SubspaceError(f"is not a {FORMAT} manifest (format: {found}){hint}", manifest_path)
+            raise SubspaceError(
+                f"is not a {FORMAT} manifest (format: {str(found)[:60]}){hint}", manifest_path
+            )
+        check_manifest(raw, manifest_path)
+        digest = raw.pop(DIGEST_KEY, None)
+        if digest is not None and digest != manifest_digest(raw):
+            raise SubspaceError(
+                f"altered: its content does not match its own {DIGEST_KEY} (run verify)", manifest_path
+            )
+        self.manifest_sha256: str | None = digest
+        self.file_sha256 = sha256_bytes(data)
         self.manifest: dict[str, Any] = expand_manifest(raw, manifest_path)
-        self._basis: dict[str, torch.Tensor] | None = None
+
+    # ---- paths: only plain files inside the store, never through a symlink ----
+    def path(self, rel: str) -> Path:
+        """STORE/rel for a name the manifest allows, refusing a symlinked tasks/ or file."""
+        if (
+            rel != BASIS
+            and rel != MANIFEST
+            and not (
+                rel.startswith(f"{TASKS_DIR}/")
+                and rel.endswith(".safetensors")
+                and "/" not in rel[len(TASKS_DIR) + 1 :]
+            )
+        ):
+            raise SubspaceError(f"'{rel[:120]}' is not a file a store holds", self.root / MANIFEST)
+        path = self.root / rel
+        if rel.startswith(f"{TASKS_DIR}/") and (self.root / TASKS_DIR).is_symlink():
+            raise SubspaceError(
+                "is a symlink; a store's files must lie inside the store", self.root / TASKS_DIR
+            )
+        if path.is_symlink():
+            raise SubspaceError("is a symlink; a store's files must lie inside the store", path)
+        return path
+
+    @staticmethod
+    def _read_plain(path: Path, missing: str) -> bytes:
+        try:
+            fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise SubspaceError(missing, path) from None
+        except OSError as exc:
+            if path.is_symlink():
+                raise SubspaceError("is a symlink; a store's files must lie inside the store", path) from None
+            raise SubspaceError(f"cannot be read ({exc.strerror or exc})", path) from None
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise SubspaceError("is not a file", path)
+            return handle.read()
+
+    def read_verified(self, rel: str) -> bytes:
+        """The bytes of one store file, checked against the manifest's sha256 (one read, one hash)."""
+        path = self.path(rel)
+        data = self._read_plain(path, "file not found: the store is incomplete (run verify)")
+        if sha256_bytes(data) != self.manifest["files"][rel]:
+            raise SubspaceError("altered: its sha256 differs from the manifest (run verify)", path)
+        return data
 
     def basis_tensors(self) -> dict[str, torch.Tensor]:
         if self._basis is None:
-            self._basis = load_safetensors(self.root / BASIS)
+            self._basis = tensors_from_bytes(self.read_verified(BASIS), self.root / BASIS)
         return self._basis
 
     def basis(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) of one slot: as stored for float stores, dequantized to float32 for int8."""
         key_u, key_v = basis_keys(module)
         tensors = self.basis_tensors()
-        if key_u not in tensors or key_v not in tensors:
-            raise SubspaceError(f"has no basis for slot '{module}'", self.root / BASIS)
+        path = self.root / BASIS
+        meta = self.manifest["slots"].get(module)
+        if key_u not in tensors or key_v not in tensors or meta is None:
+            raise SubspaceError(f"has no basis for slot '{module}'", path)
+        U, V = tensors[key_u], tensors[key_v]
+        expected = ((meta["shape"][0], meta["k_out"]), (meta["shape"][1], meta["k_in"]))
+        if (tuple(U.shape), tuple(V.shape)) != expected:
+            raise SubspaceError(
+                f"basis of slot '{module}' is {tuple(U.shape)}, {tuple(V.shape)}; the manifest says {expected}",
+                path,
+            )
+        dtype = self.manifest["settings"]["dtype"]
+        if U.dtype != number_dtype(dtype) or V.dtype != number_dtype(dtype):
+            raise SubspaceError(f"basis of slot '{module}' is {U.dtype}, not the store's {dtype}", path)
         scales = tensors.get(module + SCALE_SUFFIX)
-        if scales is None:
-            return tensors[key_u], tensors[key_v]
-        return decode(tensors[key_u], float(scales[0])), decode(tensors[key_v], float(scales[1]))
+        if dtype != "int8":
+            return U, V
+        if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (2,):
+            raise SubspaceError(f"int8 basis of slot '{module}' has no (2,) float32 scales", path)
+        return decode(U, float(scales[0])), decode(V, float(scales[1]))
 
     def task_stored(self, name: str) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
         """Per slot the stored core matrices, decoded ([C] dense or [P, Q] factors), and the task's extras
@@ -194,22 +453,31 @@ class StoreFiles:
             known = ", ".join(sorted(self.manifest["tasks"])) or "none"
             raise SubspaceError(f"has no task '{name}' (known: {known})", self.root)
         path = self.root / entry["file"]
-        tensors = load_safetensors(path)
+        tensors = tensors_from_bytes(self.read_verified(entry["file"]), path)
+        dtype = self.manifest["settings"]["dtype"]
         if CORES_KEY not in tensors:
             raise SubspaceError(f"has no '{CORES_KEY}' tensor", path)
-        packed = PackedCores(
-            tensors[CORES_KEY], tensors.get(SCALES_KEY), slot_layouts(entry, self.manifest["slots"])
-        )
+        if tensors[CORES_KEY].dtype != number_dtype(dtype) or tensors[CORES_KEY].dim() != 1:
+            raise SubspaceError(f"'{CORES_KEY}' is not a flat {dtype} tensor", path)
+        scales = tensors.get(SCALES_KEY)
+        if (dtype == "int8") != (scales is not None) or (
+            scales is not None and (scales.dtype != torch.float32 or scales.dim() != 1)
+        ):
+            raise SubspaceError(f"'{SCALES_KEY}' does not fit a {dtype} store", path)
+        packed = PackedCores(tensors[CORES_KEY], scales, slot_layouts(entry, self.manifest["slots"]))
         try:
             matrices = unpack_cores(packed)
         except (ValueError, IndexError, RuntimeError) as exc:
             raise SubspaceError(f"does not match the manifest: {exc}", path) from None
+        if scales is not None and sum(len(m) for m in matrices.values()) != scales.numel():
+            raise SubspaceError("does not match the manifest: the int8 scales do not add up", path)
         dtypes = entry["extra_dtypes"]
-        extras = {
-            key[len(EXTRA_PREFIX) :]: value.to(getattr(torch, dtypes[key[len(EXTRA_PREFIX) :]]))
-            for key, value in tensors.items()
-            if key.startswith(EXTRA_PREFIX)
-        }
+        held = {key[len(EXTRA_PREFIX) :] for key in tensors if key.startswith(EXTRA_PREFIX)}
+        if held != set(dtypes) or set(tensors) - {CORES_KEY, SCALES_KEY} != {EXTRA_PREFIX + k for k in held}:
+            raise SubspaceError(
+                "does not match the manifest: its tensors are not the cores and listed extras", path
+            )
+        extras = {key: tensors[EXTRA_PREFIX + key].to(getattr(torch, dtypes[key])) for key in sorted(held)}
         return matrices, extras
 
     def task(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -221,25 +489,120 @@ class StoreFiles:
         return [self.root / MANIFEST] + [self.root / rel for rel in sorted(self.manifest["files"])]
 
     def bytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.file_paths() if p.is_file())
+        return sum(p.lstat().st_size for p in self.file_paths() if p.is_file() and not p.is_symlink())
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        """An flock on the store folder: adds take it exclusively, verify shared, so each sees a whole add."""
+        try:
+            fd = os.open(str(self.root), os.O_RDONLY)
+        except OSError:
+            yield
+            return
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
 
     def verify(self) -> list[str]:
-        """Problems found by re-hashing every file the manifest lists (empty when the store is intact)."""
+        """Problems found by re-hashing every file the manifest lists, checking the manifest's own digest, and
+        looking for symlinks and files that are not part of the store (empty when the store is intact)."""
+        with self._locked(exclusive=False):
+            return self._verify()
+
+    def _verify(self) -> list[str]:
+        manifest_path = self.root / MANIFEST
         problems = []
+        try:
+            current = self._read_plain(manifest_path, "missing")
+        except SubspaceError as exc:
+            return [str(exc)]
+        if sha256_bytes(current) != self.file_sha256:
+            try:
+                self._load_manifest(current)  # changed since it was opened: check what is there now
+            except SubspaceError as exc:
+                return [str(exc)]
+        if self.manifest_sha256 is None:
+            problems.append(
+                f"{manifest_path}: has no {DIGEST_KEY} of its own (written by an older version), so an edited "
+                "manifest cannot be told; recompress to add it"
+            )
+        tasks_dir = self.root / TASKS_DIR
+        tasks_linked = tasks_dir.is_symlink()
+        if tasks_linked:
+            problems.append(f"{tasks_dir}: is a symlink; a store's files must lie inside the store")
         for rel, digest in sorted(self.manifest["files"].items()):
             path = self.root / rel
-            if not path.is_file():
+            if tasks_linked and rel.startswith(f"{TASKS_DIR}/"):
+                continue
+            if path.is_symlink():
+                problems.append(f"{path}: is a symlink; a store's files must lie inside the store")
+            elif not path.exists():
                 problems.append(f"{path}: missing")
+            elif not path.is_file():
+                problems.append(f"{path}: is not a file")
             elif sha256_file(path) != digest:
                 problems.append(f"{path}: altered (sha256 differs from the manifest)")
-        for entry_name, entry in sorted(self.manifest["tasks"].items()):
-            if entry["file"] not in self.manifest["files"]:
-                problems.append(f"{self.root / MANIFEST}: task '{entry_name}' file is not hashed")
+        listed = set(self.manifest["files"])
+        children = sorted(self.root.iterdir())
+        if tasks_dir.is_dir() and not tasks_linked:
+            children += sorted(tasks_dir.iterdir())
+        for child in children:
+            rel = child.relative_to(self.root).as_posix()
+            if rel in listed or rel in (MANIFEST, TASKS_DIR):
+                continue
+            if is_leftover(child) and _in_use(child):
+                continue  # a running add or add-many is writing it
+            problems.append(f"{child}: {self._stray_kind(child)}")
         return problems
 
+    def _stray_kind(self, child: Path) -> str:
+        if is_leftover(child):
+            return "leftover of an interrupted write, not part of the store (the next add removes it)"
+        if child.parent.name == TASKS_DIR and child.name.endswith(".safetensors") and not child.is_symlink():
+            return "orphan: a task file the manifest does not list (an interrupted add leaves one; the next add removes it)"
+        return (
+            "orphan: not part of the store (a store holds only manifest.json, basis.safetensors and tasks/)"
+        )
+
     def write_task_and_manifest(self, name: str, data: bytes, manifest: dict[str, Any]) -> None:
-        """Add one task: its file first, then the manifest that makes it part of the store."""
-        atomic_write_bytes(self.root / task_file(name), data)
-        data = manifest_bytes(manifest)
-        atomic_write_bytes(self.root / MANIFEST, data)
-        self.manifest = expand_manifest(json.loads(data), self.root / MANIFEST)  # exactly what a reopen sees
+        """Add one task: its file first, then the manifest that makes it part of the store.
+
+        Holds the store's lock while it writes, refuses a store changed since it was opened (another add or a
+        compress --overwrite), and first removes what killed adds left (temporary files, unlisted task files).
+        """
+        target = self.path(task_file(name))
+        manifest_path = self.root / MANIFEST
+        with self._locked(exclusive=True):
+            current = self._read_plain(manifest_path, "file not found")
+            if sha256_bytes(current) != self.file_sha256:
+                raise SubspaceError(
+                    "changed since it was opened (another add or compress ran meanwhile); run add again",
+                    manifest_path,
+                )
+            self._clean_leftovers()
+            atomic_write_bytes(target, data)
+            data = manifest_bytes(manifest)
+            atomic_write_bytes(manifest_path, data)
+            self._load_manifest(data)  # exactly what a reopen sees
+
+    def _clean_leftovers(self) -> None:
+        clean_leftovers(self.root, anywhere=True)
+        tasks_dir = self.root / TASKS_DIR
+        if not tasks_dir.is_dir() or tasks_dir.is_symlink():
+            return
+        clean_leftovers(tasks_dir, anywhere=True)
+        listed = set(self.manifest["files"])
+        for child in tasks_dir.iterdir():
+            rel = f"{TASKS_DIR}/{child.name}"
+            stem = child.name[: -len(".safetensors")]
+            if (
+                rel not in listed
+                and child.name.endswith(".safetensors")
+                and TASK_NAME.match(stem)
+                and (child.is_symlink() or child.is_file())
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    child.unlink()
