@@ -10,12 +10,28 @@ density:                                 # by module name, first match wins; no 
 from __future__ import annotations
 
 import re
-from typing import Union
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Discriminator, Strict, Tag
 
-Scalar = float
-Gradient = list[float]
+# A number as YAML writes it: finite (no .nan / .inf), and not a string or true/false read as one.
+Scalar = Annotated[float, Strict(), AllowInfNan(False)]
+Gradient = list[Scalar]
+
+
+def _shape(value: Any) -> str:
+    """Which form a raw parameter value has, so a bad one is reported against that form only."""
+    if isinstance(value, list):
+        if value and all(isinstance(item, (dict, FilterEntry)) for item in value):
+            return "filters"
+        return "gradient"
+    return "number"
+
+
+NumberOrGradient = Annotated[
+    Union[Annotated[Scalar, Tag("number")], Annotated[Gradient, Tag("gradient")]],  # noqa: UP007
+    Discriminator(_shape),
+]
 
 
 class FilterEntry(BaseModel):
@@ -24,10 +40,17 @@ class FilterEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     filter: str | None = None
-    value: Union[Scalar, Gradient]  # noqa: UP007 - pydantic reads this union in order
+    value: NumberOrGradient
 
 
-ParamValue = Union[Scalar, Gradient, list[FilterEntry]]  # noqa: UP007
+ParamValue = Annotated[
+    Union[  # noqa: UP007
+        Annotated[Scalar, Tag("number")],
+        Annotated[Gradient, Tag("gradient")],
+        Annotated[list[FilterEntry], Tag("filters")],
+    ],
+    Discriminator(_shape),
+]
 
 _LAYER = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
@@ -101,4 +124,4 @@ def to_jsonable(value: ParamValue | None) -> object:
 class _Holder(BaseModel):
     """Validates a raw value into ParamValue (used by the recipe and by tests)."""
 
-    value: ParamValue = Field(union_mode="left_to_right")
+    value: ParamValue

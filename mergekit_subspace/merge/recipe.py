@@ -10,12 +10,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.merge.methods import METHODS, get_method
-from mergekit_subspace.merge.params import ParamValue, gradients_of, to_jsonable, values_of
-from mergekit_subspace.recipe import AdapterEntry, SubspaceSettings, _pydantic_message, load_yaml
+from mergekit_subspace.merge.params import ParamValue, Scalar, gradients_of, to_jsonable, values_of
+from mergekit_subspace.recipe import (
+    AdapterEntry,
+    SubspaceSettings,
+    _no_bool,
+    _pydantic_message,
+    expand_entries,
+    load_yaml,
+)
 
 HEADS_CHOICES = ("per_task", "none")
 DEFAULT_LAMBDA_GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+# Weights and lambda scale a delta: beyond this a merge only overflows (float16 holds up to 65504).
+MAX_SCALE = 1000.0
+MAX_SEED = 2**53  # seeds are read as float; above this they are no longer exact integers
 
 
 class Strict(BaseModel):
@@ -26,7 +36,7 @@ class TaskEntry(Strict):
     """One task of the merge: a name in the store (or an adapter folder's name), its parameters, its data."""
 
     name: str
-    weight: ParamValue | None = Field(None, union_mode="left_to_right")
+    weight: ParamValue | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     validation: str | None = None  # JSONL (same format as `bench`) to choose lambda on
 
@@ -45,9 +55,23 @@ class TaskEntry(Strict):
 class ValidationSettings(Strict):
     """How lambda is chosen when tasks name validation data."""
 
-    lambda_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDA_GRID), min_length=1)
-    max_examples: int | None = Field(256, ge=1)
-    batch_size: int = Field(32, ge=1)
+    lambda_grid: list[Scalar] = Field(
+        default_factory=lambda: list(DEFAULT_LAMBDA_GRID), min_length=1, max_length=1000
+    )
+    max_examples: int | None = Field(256, ge=1, le=10**9)
+    batch_size: int = Field(32, ge=1, le=65536)
+
+    _numbers = field_validator("max_examples", "batch_size", mode="before")(
+        classmethod(lambda cls, v: _no_bool(v))
+    )
+
+    @field_validator("lambda_grid")
+    @classmethod
+    def grid_in_range(cls, grid: list[float]) -> list[float]:
+        for value in grid:
+            if abs(value) > MAX_SCALE:
+                raise ValueError(f"lambda {value:g} is outside [-{MAX_SCALE:g}, {MAX_SCALE:g}]")
+        return grid
 
 
 def parse_size(value: int | str) -> int:
@@ -68,6 +92,10 @@ class OutputSettings(Strict):
     heads: str = "per_task"  # per_task | none | <task name>
     max_shard_size: int | str = "2GB"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None  # peft output; None: the tasks' dtype
+
+    _numbers = field_validator("rank", "max_shard_size", mode="before")(
+        classmethod(lambda cls, v: _no_bool(v))
+    )
 
     @field_validator("max_shard_size")
     @classmethod
@@ -139,6 +167,14 @@ class MergeRecipe(Strict):
             )
         return self
 
+    def input_paths(self, recipe_path: str | Path | None = None) -> list[str | Path]:
+        """Every file or folder the merge reads (store, adapters, base model, validation data), so an output
+        that is, lies in or holds one of them can be refused before any work."""
+        paths: list[str | Path] = [p for p in (self.store, self.base_model) if p]
+        paths += [path for path, _, _ in expand_entries(self.adapters, recipe_path)]
+        paths += [t.validation for t in self.tasks or [] if t.validation]
+        return paths
+
     @property
     def uses_validation(self) -> bool:
         return any(task.validation for task in self.tasks or [])
@@ -155,6 +191,12 @@ def _check_known(method: str, key: str, accepted: tuple[str, ...]) -> None:
 def _check_value(key: str, value: ParamValue, where: str) -> None:
     if any(len(g) == 0 for g in gradients_of(value)):
         raise ValueError(f"{where}: a gradient needs at least one value")
+    if key in ("weight", "lambda"):
+        bad = [v for v in values_of(value) if abs(v) > MAX_SCALE]
+        if bad:
+            raise ValueError(f"{where}: {key} must lie in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {bad[0]:g}")
+    if key == "seed" and not (float(value).is_integer() and 0 <= float(value) <= MAX_SEED):  # type: ignore[arg-type]
+        raise ValueError(f"{where}: seed must be a whole number in [0, 2**53], got {value}")
     if key == "density":
         bad = [v for v in values_of(value) if not 0.0 < v <= 1.0]
         if bad:
