@@ -21,7 +21,7 @@ from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis, check_device
 from mergekit_subspace.io.checkpoint import Checkpoint
 from mergekit_subspace.io.codec import EncodedCore, assemble_cores, encode_core, extras_dtype
-from mergekit_subspace.io.files import atomic_directory, sha256_bytes, tensors_to_bytes
+from mergekit_subspace.io.files import atomic_directory, check_output, sha256_bytes, tensors_to_bytes
 from mergekit_subspace.io.peft import write_lora_adapter
 from mergekit_subspace.io.store import (
     BASIS,
@@ -176,10 +176,9 @@ class SubspaceStore:
         target = out if out is not None else recipe.output
         if target is None:
             raise SubspaceError("no output store: set `output:` in the recipe or pass --out", recipe_path)
-        target = Path(target)
-        if target.exists() and not overwrite:
-            raise SubspaceError("already exists; choose another path or pass --overwrite", target)
+        target = check_output(target, overwrite)
         tasks, base = load_recipe_tasks(recipe, recipe_path, allow_pickle, progress)
+        check_output(target, overwrite, inputs=[recipe.base_model, *(t.source for t in tasks)])
         return cls.from_tasks(
             tasks, recipe.subspace, target, base=base, overwrite=overwrite, progress=progress, device=device
         )
@@ -385,6 +384,7 @@ class SubspaceStore:
 
     def reconstruct(self, name: str, out: str | Path, overwrite: bool = False) -> Path:
         """Write task `name` as a standard PEFT LoRA folder that PeftModel.from_pretrained loads."""
+        check_output(out, overwrite, inputs=[self.path])
         entry = self._entry(name)
         dtype = getattr(torch, entry["dtype"])
         factors = {m: (B.to(dtype), A.to(dtype)) for m, (B, A) in self.task_factors(name).items()}

@@ -23,7 +23,7 @@ from mergekit_subspace.bench.recipe import BenchRecipe, parse_bench_recipe
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.eval.models import head_size
 from mergekit_subspace.io.codec import ITEM_BYTES, extra_bytes
-from mergekit_subspace.io.files import atomic_write_bytes, json_bytes
+from mergekit_subspace.io.files import atomic_write_bytes, check_output, json_bytes
 from mergekit_subspace.io.peft import write_lora_adapter
 from mergekit_subspace.sources import TaskSource
 from mergekit_subspace.subspace import SubspaceStore, load_recipe_tasks
@@ -97,6 +97,9 @@ def run_bench(
         raise SubspaceError("already exists and is not empty; pass --overwrite", out)
     budgets = recipe.budgets()
     tasks, base = load_recipe_tasks(recipe, recipe_path, progress=progress)
+    check_output(
+        out, overwrite=True, inputs=[recipe.base_model, *(t.source for t in tasks)], existing_ok=True
+    )
     # every data file is read and checked before any fitting or training starts
     labels = {t.name: head_size(t.source) if t.kind == "lora" else None for t in tasks}
     data = {t.name: load_task_data(recipe.eval, t.name, t.source) for t in tasks}

@@ -23,7 +23,7 @@ from mergekit_subspace import parallel
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import check_device
 from mergekit_subspace.io.checkpoint import Checkpoint
-from mergekit_subspace.io.files import atomic_directory, json_bytes
+from mergekit_subspace.io.files import atomic_directory, check_output, json_bytes
 from mergekit_subspace.io.peft import write_lora_adapter
 from mergekit_subspace.lowrank import core_to_factors
 from mergekit_subspace.merge import inputs as merge_inputs
@@ -291,8 +291,7 @@ def merge(
     if target_raw is None:
         raise SubspaceError("no output folder: set `output.path` in the recipe or pass --out", recipe_path)
     target = Path(target_raw)
-    if target.exists() and not overwrite:
-        raise SubspaceError("already exists; choose another path or pass --overwrite", target)
+    check_output(target, overwrite, inputs=recipe.input_paths(recipe_path))
     data = {
         t.name: load_validation(t.validation, recipe.validation.max_examples)
         for t in recipe.tasks or []
