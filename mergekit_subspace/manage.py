@@ -38,7 +38,7 @@ from mergekit_subspace.subspace import SubspaceStore, _task_file_and_entry, enco
 
 CARD = "README.md"
 STAGING_PREFIX = ".add-many."
-# https://huggingface.co/docs/hub/models-uploading: a repo id is `name` or `owner/name`
+# a hub repo id: `name` or `owner/name`
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _AUTO_CLASSES = {  # PEFT task_type -> the transformers class its base loads with
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -113,8 +113,8 @@ def select_tasks(store: SubspaceStore, patterns: tuple[str, ...] | list[str] = (
 # ---- changing ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _store_lock(store: SubspaceStore, changed_since: str | None = None) -> Iterator[None]:
-    """Hold an exclusive flock on the store folder (the lock `add` takes, so writers take turns) and reopen
-    the store from disk, so a change is made to the manifest as it is now.
+    """Hold an exclusive flock on the store folder (the lock a locking `add` takes on it too, so writers
+    take turns) and reopen the store from disk, so a change is made to the manifest as it is now.
 
     With `changed_since` (a `_manifest_digest` taken earlier) a store whose manifest changed meanwhile is
     refused instead: work done against the old manifest would undo what the other writer did.
@@ -390,8 +390,8 @@ def _k_summary(store: SubspaceStore, entry: dict[str, Any]) -> list[str]:
         k_out, k_in = int(slots[module]["k_out"]), int(slots[module]["k_in"])
         groups[(k_out, k_in)] = groups.get((k_out, k_in), 0) + 1
         ranks.append(min(int(entry["slots"][module]["rank"]), k_out, k_in))
-        errors[module] = float(entry["slots"][module]["rel_error"])
-    worst = max(errors, key=lambda m: errors[m])
+        if entry["slots"][module].get("rel_error") is not None:
+            errors[module] = float(entry["slots"][module]["rel_error"])
     lines = [
         f"{len(modules)} slots (one layer's one target module each). Per slot the store keeps a left basis of "
         "k_out and a right basis of k_in columns, shared by every task, and for this task a k_out x k_in core.",
@@ -403,10 +403,14 @@ def _k_summary(store: SubspaceStore, entry: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "LoRA rank written per slot (min(source rank, k_out, k_in)): "
-        + (f"{min(ranks)}. " if min(ranks) == max(ranks) else f"{min(ranks)} to {max(ranks)}. ")
-        + f"Relative error per slot: median {statistics.median(errors.values()):.4f}, "
-        f"worst {errors[worst]:.4f} (`{worst}`).",
+        + (f"{min(ranks)}." if min(ranks) == max(ranks) else f"{min(ranks)} to {max(ranks)}."),
     ]
+    if errors:
+        worst = max(errors, key=lambda m: errors[m])
+        lines[-1] += (
+            f" Relative error per slot: median {statistics.median(errors.values()):.4f}, "
+            f"worst {errors[worst]:.4f} (`{worst}`)."
+        )
     return lines
 
 
