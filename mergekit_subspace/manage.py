@@ -4,7 +4,7 @@ export one as a PEFT folder with a model card.
 Every change keeps the store's rule that the manifest is the store: new files are written (atomically) before
 the manifest that names them, the manifest is swapped atomically, and files it no longer names are deleted
 after it. A crash therefore leaves either the old store or the new one, plus at worst files that no manifest
-names (`orphan_files` lists them). The basis is never changed here.
+names, which `verify` reports. The basis is never changed here.
 """
 
 from __future__ import annotations
@@ -28,8 +28,14 @@ from tqdm.auto import tqdm
 
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import check_device
-from mergekit_subspace.io.files import _fsync_dir, atomic_directory, atomic_write_bytes, sha256_bytes
-from mergekit_subspace.io.store import BASIS, MANIFEST, TASKS_DIR, manifest_bytes, task_file
+from mergekit_subspace.io.files import (
+    _fsync_dir,
+    atomic_directory,
+    atomic_write_bytes,
+    check_output,
+    sha256_bytes,
+)
+from mergekit_subspace.io.store import MANIFEST, TASKS_DIR, manifest_bytes, task_file
 from mergekit_subspace.lowrank import LowRankDelta, SlotProjector
 from mergekit_subspace.recipe import check_task_name, expand_entries
 from mergekit_subspace.report import human_bytes, table
@@ -83,19 +89,6 @@ def format_task_rows(rows: list[dict[str, Any]]) -> str:
         for row in rows
     ]
     return table(["task", "kind", "rel_error", "added", "bytes", "source"], cells)
-
-
-def orphan_files(store: SubspaceStore) -> list[Path]:
-    """Files in the store folder that its manifest does not name: left by a crash (or by hand). Harmless,
-    but they take space; deleting them leaves the store as its manifest says."""
-    named = {store.path / MANIFEST, store.path / BASIS} | {
-        store.path / rel for rel in store.manifest["files"]
-    }
-    found = []
-    for path in sorted(store.path.rglob("*")):
-        if path.is_file() and path not in named:
-            found.append(path)
-    return found
 
 
 def select_tasks(store: SubspaceStore, patterns: tuple[str, ...] | list[str] = ()) -> list[str]:
@@ -213,14 +206,8 @@ def rename_task(store: SubspaceStore, old: str, new: str) -> None:
         if new in store.manifest["tasks"]:
             raise SubspaceError(f"task name '{new}' is already in the store; pick another", store.path)
         old_path = store.path / entry["file"]
-        if old_path.is_symlink() or not old_path.is_file():
-            raise SubspaceError("task file is missing; run verify", old_path)
-        data = old_path.read_bytes()
-        digest = store.manifest["files"].get(entry["file"])
-        if sha256_bytes(data) != digest:
-            raise SubspaceError(
-                "task file was altered (sha256 differs from the manifest); run verify", old_path
-            )
+        data = store.files.read_verified(entry["file"])  # refuses a missing, altered or symlinked file
+        digest = store.manifest["files"][entry["file"]]
         manifest = copy.deepcopy(store.manifest)
         moved = manifest["tasks"].pop(old)
         moved["file"] = task_file(new)
@@ -343,16 +330,16 @@ def reconstruct_all(
 ) -> dict[str, Path]:
     """Every task matching the globs (all when none) as a PEFT folder OUT/<task>/, each written atomically.
     Existing task folders are refused, all checked before the first is written, unless `overwrite`."""
-    out = Path(out)
+    out = check_output(out, existing_ok=True, inputs=[store.path])
     names = select_tasks(store, patterns)
-    if out.exists() and not out.is_dir():
-        raise SubspaceError("is not a folder", out)
     if not overwrite:
-        taken = [n for n in names if (out / n).exists()]
+        taken = [n for n in names if (out / n).exists() or (out / n).is_symlink()]
         if taken:
             raise SubspaceError(
                 f"already holds {', '.join(taken)}; choose another folder or pass --overwrite", out
             )
+    for name in names:
+        check_output(out / name, overwrite, inputs=[store.path])
     written = {}
     for name in tqdm(names, desc="reconstruct", disable=None if progress else True, leave=False):
         written[name] = store.reconstruct(name, out / name, overwrite=overwrite)
@@ -501,8 +488,8 @@ def export_task(
     """Task `name` as a PEFT folder (exactly what `reconstruct` writes) plus README.md, written atomically."""
     if base_model_id is not None and not _HUB_ID.match(base_model_id):
         raise SubspaceError(f"'{base_model_id}' is not a hub model id (owner/name)")
+    out = check_output(out, overwrite, inputs=[store.path])
     card = model_card(store, name, command, base_model_id)
-    out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         staged = store.reconstruct(name, tmp / "peft")
         for child in sorted(staged.iterdir()):
@@ -519,7 +506,6 @@ __all__ = [
     "format_task_rows",
     "hub_model_id",
     "model_card",
-    "orphan_files",
     "reconstruct_all",
     "remove_tasks",
     "rename_task",

@@ -58,7 +58,7 @@ def rm(store: str, names: tuple[str, ...]) -> None:
     """Remove tasks NAMES from STORE; the shared basis is unchanged.
 
     One atomic manifest write, then the task files it no longer lists are deleted: a crash leaves the old
-    store or the new one, plus at worst orphan files. Every name is checked first; an unknown one changes
+    store or the new one, plus at worst orphan files that `verify` reports. Every name is checked first; an unknown one changes
     nothing.
     """
     from mergekit_subspace.manage import remove_tasks

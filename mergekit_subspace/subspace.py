@@ -477,11 +477,5 @@ class SubspaceStore:
 
         return export_task(self, name, out, overwrite=overwrite, command=command, base_model_id=base_model_id)
 
-    def orphans(self) -> list[Path]:
-        """Files in the store folder that the manifest does not name (left by a crash); safe to delete."""
-        from mergekit_subspace.manage import orphan_files
-
-        return orphan_files(self)
-
 
 __all__ = ["SubspaceStore", "load_recipe_tasks"]
