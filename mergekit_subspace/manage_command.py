@@ -37,7 +37,9 @@ def _open(store: str) -> SubspaceStore:
     return SubspaceStore(store)
 
 
-@click.command("list", context_settings=CONTEXT)
+@click.command(
+    "list", context_settings=CONTEXT, short_help="List the tasks: kind, rel_error, added, bytes, source."
+)
 @STORE
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output: a JSON list of tasks.")
 @_friendly
@@ -50,7 +52,7 @@ def list_tasks(store: str, as_json: bool) -> None:
     click.echo(json.dumps(rows, indent=2, sort_keys=True) if as_json else format_task_rows(rows))
 
 
-@click.command("rm", context_settings=CONTEXT)
+@click.command("rm", context_settings=CONTEXT, short_help="Remove tasks in one atomic manifest write.")
 @STORE
 @click.argument("names", nargs=-1, required=True)
 @_friendly
@@ -67,7 +69,7 @@ def rm(store: str, names: tuple[str, ...]) -> None:
     click.echo(f"removed {len(removed)} task(s) from {store}: {', '.join(removed)}")
 
 
-@click.command("rename", context_settings=CONTEXT)
+@click.command("rename", context_settings=CONTEXT, short_help="Rename a task, atomically.")
 @STORE
 @click.argument("old")
 @click.argument("new")
@@ -83,7 +85,9 @@ def rename(store: str, old: str, new: str) -> None:
     click.echo(f"renamed '{old}' to '{new}' in {store}")
 
 
-@click.command("add-many", context_settings=CONTEXT)
+@click.command(
+    "add-many", context_settings=CONTEXT, short_help="Add several adapters (or globs) in one write, or none."
+)
 @STORE
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin, loaded with weights_only=True.")
@@ -116,7 +120,9 @@ def add_many(store: str, adapters: tuple[str, ...], allow_pickle: bool, quiet: b
     click.echo(f"{len(entries)} task(s) added to {store} ({len(opened.tasks)} now)")
 
 
-@click.command("reconstruct-all", context_settings=CONTEXT)
+@click.command(
+    "reconstruct-all", context_settings=CONTEXT, short_help="Write every (matching) task as a PEFT folder."
+)
 @STORE
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Folder; each task goes to OUT/<task>/."
@@ -142,7 +148,9 @@ def reconstruct_all(store: str, out: str, patterns: tuple[str, ...], overwrite: 
     click.echo(f"wrote {len(written)} PEFT folder(s) under {out}: {', '.join(written)}")
 
 
-@click.command("export", context_settings=CONTEXT)
+@click.command(
+    "export", context_settings=CONTEXT, short_help="Write a task as a PEFT folder with a model card."
+)
 @STORE
 @click.argument("name")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
