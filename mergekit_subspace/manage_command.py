@@ -104,7 +104,7 @@ def add_many(store: str, adapters: tuple[str, ...], allow_pickle: bool, quiet: b
 
     Task names are the folder names. All task files are written first and the manifest once at the end. If any
     adapter is bad or a name repeats (in the batch or in the store), the whole batch is refused with one line
-    and nothing is written.
+    and nothing is written; so it is if another add, rm or rename changed the store while it ran.
     """
     from mergekit_subspace.manage import add_many as run_add_many
     from mergekit_subspace.manage import expand_adapters
