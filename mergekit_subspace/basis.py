@@ -183,7 +183,10 @@ class RandomizedFit:
     V: torch.Tensor  # n x l_in
     spectrum_out: torch.Tensor  # Ritz values (squared singular values of Y), descending
     spectrum_in: torch.Tensor
-    coords: torch.Tensor  # tasks x l_out x l_in: U^T D_i V, the two-sided energy of any prefix
+    # per block of equal-rank tasks, U^T B_i (b x l_out x r) and A_i V (b x r x l_in): the two-sided energy of
+    # any prefix, kept as factors (2 l r numbers a task instead of l^2)
+    left: list[torch.Tensor]
+    right: list[torch.Tensor]
     weights: torch.Tensor  # per task w_i (float64)
     norms_sq: torch.Tensor  # per task ||D_i||^2 (float64)
 
@@ -191,7 +194,11 @@ class RandomizedFit:
         """Weighted share of the zoo that the first k_out / k_in directions keep (exact for these bases)."""
         w2 = self.weights**2
         total = float(torch.sum(w2 * self.norms_sq))
-        kept = float(torch.sum(w2 * torch.sum(self.coords[:, :k_out, :k_in].double() ** 2, dim=(1, 2))))
+        kept, start = 0.0, 0
+        for left, right in zip(self.left, self.right, strict=True):
+            cores = (left[:, :k_out].double() @ right[:, :, :k_in].double()).square().sum(dim=(1, 2))
+            kept += float(torch.sum(w2[start : start + len(cores)] * cores))
+            start += len(cores)
         return 1.0 if total == 0 else kept / total
 
 
@@ -220,9 +227,16 @@ def stack_blocks(deltas: Iterable[LowRankDelta]) -> Iterator[FactorBlock]:
     pending: list[LowRankDelta] = []
 
     def flush() -> FactorBlock:
-        B = torch.cat([d.B.to(SKETCH_DTYPE) * d.scale for d in pending], dim=1)
-        A = torch.cat([d.A.to(SKETCH_DTYPE) for d in pending], dim=0)
-        return FactorBlock(B, A, len(pending), pending[0].rank)
+        r, (m, n) = pending[0].rank, pending[0].shape
+        device = pending[0].B.device
+        B = torch.empty(m, len(pending) * r, dtype=SKETCH_DTYPE, device=device)
+        A = torch.empty(len(pending) * r, n, dtype=SKETCH_DTYPE, device=device)
+        for i, d in enumerate(pending):  # cast while copying into place: no per-adapter float32 copies
+            B[:, i * r : (i + 1) * r].copy_(d.B)
+            A[i * r : (i + 1) * r].copy_(d.A)
+        scales = torch.tensor([d.scale for d in pending], dtype=SKETCH_DTYPE, device=device)
+        B.view(m, len(pending), r).mul_(scales[None, :, None])
+        return FactorBlock(B, A, len(pending), r)
 
     for delta in deltas:
         if pending and (delta.rank != pending[0].rank or len(pending) * delta.rank >= BLOCK_COLUMNS):
@@ -298,7 +312,8 @@ def randomized_fit(
     Q_out, Q_in = Q_out64.to(SKETCH_DTYPE), Q_in64.to(SKETCH_DTYPE)
     small_out = torch.zeros(Q_out.shape[1], Q_out.shape[1], dtype=COMPUTE_DTYPE, device=device)
     small_in = torch.zeros(Q_in.shape[1], Q_in.shape[1], dtype=COMPUTE_DTYPE, device=device)
-    coords = []
+    lefts: list[torch.Tensor] = []
+    rights: list[torch.Tensor] = []
     for index, block in enumerate(blocks()):
         A3 = block.A.reshape(block.count, block.rank, n)
         B3 = block.per_task(block.B)
@@ -310,19 +325,21 @@ def randomized_fit(
         left64, right64 = left.double(), right.double()
         small_out += torch.sum(w2 * (left64 @ gram_a @ left64.transpose(1, 2)), dim=0)
         small_in += torch.sum(w2 * (right64.transpose(1, 2) @ gram_b @ right64), dim=0)
-        coords.append(left @ right)
+        lefts.append(left)
+        rights.append(right)
     values_out, vectors_out = torch.linalg.eigh(small_out)
     values_in, vectors_in = torch.linalg.eigh(small_in)
     vectors_out, vectors_in = vectors_out.flip(1), vectors_in.flip(1)
     U, V = fix_signs(Q_out64 @ vectors_out), fix_signs(Q_in64 @ vectors_in)
-    # coordinates in the Ritz bases (the sign fix included): U^T D V = (U^T Q) (Q^T D Q') (Q'^T V)
+    # coordinates in the Ritz bases (the sign fix included): U^T B_i = (U^T Q) (Q^T B_i), A_i V likewise
     turn_out, turn_in = (U.T @ Q_out64).to(SKETCH_DTYPE), (Q_in64.T @ V).to(SKETCH_DTYPE)
     return RandomizedFit(
         U=U,
         V=V,
         spectrum_out=values_out.flip(0).clamp_min(0.0),
         spectrum_in=values_in.flip(0).clamp_min(0.0),
-        coords=turn_out @ torch.cat(coords) @ turn_in,
+        left=[turn_out @ left for left in lefts],
+        right=[right @ turn_in for right in rights],
         weights=torch.cat(weights),
         norms_sq=torch.cat(norms_sq),
     )

@@ -58,6 +58,20 @@ def test_two_processes_write_the_same_bytes_and_stop_together(
     assert files(tmp_path / "one") == files(tmp_path / "one-add")
     assert added.stdout.count("added 'task4'") == 1
 
+    # merge from adapters: the basis is fit across the ranks, rank 0 merges and writes
+    merge = tmp_path / "merge.yaml"
+    merge.write_text(
+        f"merge_method: ties\nadapters: {zoo[:3]}\nbase_model: {tiny_bert}\n"
+        "subspace: {k: 4, solver: randomized}\nparameters: {density: 0.5}\n"
+        "output: {format: peft, heads: none}\n"
+    )
+    assert run(["merge", str(merge), "--quiet", "--out", "m1"], 1, tmp_path).returncode == 0
+    merged = run(["merge", str(merge), "--quiet", "--out", "m2"], 2, tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout.count("merged 3 task(s)") == 1
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "m1" / weights).read_bytes() == (tmp_path / "m2" / weights).read_bytes()
+
     # a NaN in one slot of one adapter: whichever rank reads it, every rank stops with the same line
     bad = tmp_path / "bad-zoo"
     shutil.copytree(bert_zoo[3], bad / "task3")

@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,10 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Refuse NaN or Inf anywhere: one bad tensor would silently poison a shared basis."""
     for key, tensor in tensors.items():
         # NaN and Inf both survive abs().amax(), which is ~8x faster than isfinite().all() on bfloat16
-        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor.abs().amax())):
+        values = (
+            tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
+        )  # fp8
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(values.abs().amax())):
             raise SubspaceError(f"tensor '{key}' contains NaN or Inf", path)
 
 
@@ -190,7 +194,9 @@ class TensorFile:
                         tensor = torch.empty(self.shapes[key], dtype=self.dtypes[key])
                         handle.seek(offset)
                         if handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != size:
-                            raise SubspaceError(f"is shorter than its header says (tensor '{key}')", self.path)
+                            raise SubspaceError(
+                                f"is shorter than its header says (tensor '{key}')", self.path
+                            )
                         tensors[key] = tensor
             except OSError as exc:
                 raise SubspaceError(f"cannot be read ({exc.strerror or exc})", self.path) from None
@@ -264,7 +270,11 @@ def load_pickle_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tenso
             path,
         )
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # torch warns about pickle protocols on stderr; the refusal says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SubspaceError(
             f"refused by torch.load(weights_only=True), it holds more than tensors: {_pickle_reason(exc)}",
