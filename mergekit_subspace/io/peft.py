@@ -350,6 +350,12 @@ def write_lora_adapter(
     for module, (B, A) in factors.items():
         tensors[lora_state_key(module, "A")] = A
         tensors[lora_state_key(module, "B")] = B
+    for key, tensor in tensors.items():  # e.g. a merge whose weights overflow a float16 output
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SubspaceError(
+                f"the adapter to write would hold NaN or Inf in '{key}' ({str(tensor.dtype).removeprefix('torch.')}); "
+                "lower the weights or lambda, or write a wider dtype"
+            )
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / CONFIG_NAME).write_bytes(json_bytes(written))
         (tmp / WEIGHTS_NAME).write_bytes(tensors_to_bytes(tensors, metadata={"format": "pt"}))

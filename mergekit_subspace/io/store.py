@@ -402,9 +402,10 @@ class StoreFiles:
             if path.is_symlink():
                 raise SubspaceError("is a symlink; a store's files must lie inside the store", path) from None
             raise SubspaceError(f"cannot be read ({exc.strerror or exc})", path) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SubspaceError("is not a file", path)
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise SubspaceError("is not a file", path)
             return handle.read()
 
     def read_verified(self, rel: str) -> bytes:
