@@ -1099,3 +1099,19 @@ def test_overwrite_cleans_stale_leftovers_and_keeps_the_umask(
     result = CliRunner().invoke(main, ["add", str(env.store), str(env.adapter("task1")), "--name", "again"])
     assert result.exit_code == 0, result.output
     assert ((env.store / MANIFEST).stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+def test_overwrite_without_exchange_falls_back(
+    pristine: Path, tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where renameat2 cannot exchange (another OS or filesystem), the two-rename swap still works."""
+    from mergekit_subspace.io import files
+
+    root = tmp_path / "case"
+    shutil.copytree(pristine, root, symlinks=True)
+    env = Env(root, tiny_bert)
+    monkeypatch.setattr(files, "exchange_paths", lambda first, second: False)
+    result = CliRunner().invoke(main, ["compress", env.compress_recipe(output=str(env.store)), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+    assert CliRunner().invoke(main, ["verify", str(env.store)]).exit_code == 0

@@ -594,13 +594,15 @@ class StoreFiles:
                     "changed since it was opened (another add or compress ran meanwhile); run add again",
                     manifest_path,
                 )
-            self._clean_leftovers()
+            self.remove_leftovers()
             atomic_write_bytes(target, data)
             data = manifest_bytes(manifest)
             atomic_write_bytes(manifest_path, data)
             self._load_manifest(data)  # exactly what a reopen sees
 
-    def _clean_leftovers(self) -> None:
+    def remove_leftovers(self) -> None:
+        """Remove what killed writers left inside the store: temporary files and staging folders no running
+        writer holds, and task files the manifest does not list. Call it holding the store's lock."""
         clean_leftovers(self.root, anywhere=True)
         tasks_dir = self.root / TASKS_DIR
         if not tasks_dir.is_dir() or tasks_dir.is_symlink():
