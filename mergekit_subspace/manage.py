@@ -107,7 +107,8 @@ def select_tasks(store: SubspaceStore, patterns: tuple[str, ...] | list[str] = (
 @contextlib.contextmanager
 def _store_lock(store: SubspaceStore, changed_since: str | None = None) -> Iterator[None]:
     """Hold an exclusive flock on the store folder (the lock a locking `add` takes on it too, so writers
-    take turns) and reopen the store from disk, so a change is made to the manifest as it is now.
+    take turns) and reopen the store from disk, so a change is made to the manifest as it is now; what killed
+    writers left (temporary files, unlocked staging folders, unlisted task files) is removed first.
 
     With `changed_since` (a `_manifest_digest` taken earlier) a store whose manifest changed meanwhile is
     refused instead: work done against the old manifest would undo what the other writer did.
@@ -126,6 +127,7 @@ def _store_lock(store: SubspaceStore, changed_since: str | None = None) -> Itera
                 store.path / MANIFEST,
             )
         _reopen(store)
+        store.files.remove_leftovers()  # what killed writers left, as add does
         yield
     finally:
         os.close(fd)

@@ -135,6 +135,8 @@ def test_rm(store_path: Path, tiny_bert: Path, tmp_path: Path) -> None:
         f"FAIL {store_path / 'tasks' / 'task1.safetensors'}"
     ]
     assert "orphan" in result.output
+    ok("rename", store_path, "task3", "task3b")  # the next writer removes it, as add does
+    assert_intact(store_path)
 
 
 def test_rename(store_path: Path, tmp_path: Path) -> None:
