@@ -222,15 +222,31 @@ class FactorBlock:
             yield LowRankDelta(B=self.B[:, i * r : (i + 1) * r], A=self.A[i * r : (i + 1) * r])
 
 
-def stack_blocks(deltas: Iterable[LowRankDelta]) -> Iterator[FactorBlock]:
-    """Group consecutive adapters of equal rank into FactorBlocks of about BLOCK_COLUMNS columns."""
+def stack_blocks(deltas: Iterable[LowRankDelta], reuse: bool = False) -> Iterator[FactorBlock]:
+    """Group consecutive adapters of equal rank into FactorBlocks of about BLOCK_COLUMNS columns.
+
+    With `reuse` every block is written into the same buffers, so a pass that streams the slot allocates
+    them once (each block must then be used before the next one is asked for).
+    """
     pending: list[LowRankDelta] = []
+    buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def flush() -> FactorBlock:
         r, (m, n) = pending[0].rank, pending[0].shape
         device = pending[0].B.device
-        B = torch.empty(m, len(pending) * r, dtype=SKETCH_DTYPE, device=device)
-        A = torch.empty(len(pending) * r, n, dtype=SKETCH_DTYPE, device=device)
+        columns = len(pending) * r
+        if reuse:
+            key = (r, m, n, device)
+            if key not in buffers:
+                full = -(-BLOCK_COLUMNS // r) * r
+                buffers[key] = (
+                    torch.empty(m, full, dtype=SKETCH_DTYPE, device=device),
+                    torch.empty(full, n, dtype=SKETCH_DTYPE, device=device),
+                )
+            B, A = buffers[key][0][:, :columns], buffers[key][1][:columns]
+        else:
+            B = torch.empty(m, columns, dtype=SKETCH_DTYPE, device=device)
+            A = torch.empty(columns, n, dtype=SKETCH_DTYPE, device=device)
         for i, d in enumerate(pending):  # cast while copying into place: no per-adapter float32 copies
             B[:, i * r : (i + 1) * r].copy_(d.B)
             A[i * r : (i + 1) * r].copy_(d.A)
