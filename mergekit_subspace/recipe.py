@@ -46,7 +46,7 @@ class FinetuneEntry(Strict):
     name: str | None = None
     max_rank: int = Field(64, ge=1)
 
-    _numbers = field_validator("max_rank", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
+    no_bools = field_validator("max_rank", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
 
 class SubspaceSettings(Strict):
@@ -66,7 +66,7 @@ class SubspaceSettings(Strict):
     oversample: int = Field(10, ge=0, le=1024)  # extra sketch columns of the randomized solver
     power_iters: int = Field(3, ge=0, le=20)  # extra passes (block Krylov) of the randomized solver
 
-    _numbers = field_validator(
+    no_bools = field_validator(
         "k", "k_in", "budget_bytes", "energy", "refine", "oversample", "power_iters", mode="before"
     )(classmethod(lambda cls, v: _no_bool(v)))
 

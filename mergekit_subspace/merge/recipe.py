@@ -61,7 +61,7 @@ class ValidationSettings(Strict):
     max_examples: int | None = Field(256, ge=1, le=10**9)
     batch_size: int = Field(32, ge=1, le=65536)
 
-    _numbers = field_validator("max_examples", "batch_size", mode="before")(
+    no_bools = field_validator("max_examples", "batch_size", mode="before")(
         classmethod(lambda cls, v: _no_bool(v))
     )
 
@@ -93,7 +93,7 @@ class OutputSettings(Strict):
     max_shard_size: int | str = "2GB"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None  # peft output; None: the tasks' dtype
 
-    _numbers = field_validator("rank", "max_shard_size", mode="before")(
+    no_bools = field_validator("rank", "max_shard_size", mode="before")(
         classmethod(lambda cls, v: _no_bool(v))
     )
 
