@@ -773,7 +773,7 @@ READ_CASES = [
     manifest_case(
         "manifest settings dtype unknown",
         lambda r: r["settings"].update(dtype="int4"),
-        "dtype",
+        "settings.dtype",
         command=lambda e: ["info", str(e.store)],
     ),
     Case(

@@ -302,9 +302,13 @@ def check_manifest(raw: dict[str, Any], path: Path) -> None:
 
     try:
         _ManifestModel.model_validate(raw)
-        SubspaceSettings.model_validate(raw["settings"], strict=True)
     except ValidationError as exc:
         raise damaged(validation_message(exc.errors())) from None
+    try:
+        SubspaceSettings.model_validate(raw["settings"], strict=True)
+    except ValidationError as exc:
+        errors = [dict(e, loc=("settings", *e["loc"])) for e in exc.errors()]
+        raise damaged(validation_message(errors)) from None
     slots = raw["slots"]
     for module, meta in slots.items():
         if meta["k_out"] > meta["shape"][0] or meta["k_in"] > meta["shape"][1]:
