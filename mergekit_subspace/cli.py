@@ -11,11 +11,10 @@ from typing import Any
 
 import click
 
-from mergekit_subspace.errors import SubspaceError, one_line
+from mergekit_subspace.command_errors import EXIT_BAD_INPUT, friendly
+from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.extras import require_extras
 from mergekit_subspace.report import format_info
-
-EXIT_BAD_INPUT = 2
 
 DEVICE = click.option(
     "--device",
@@ -23,25 +22,6 @@ DEVICE = click.option(
     show_default=True,
     help="Torch device for the fit and projections (e.g. cuda, cuda:1).",
 )
-
-
-def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn SubspaceError, and the OS's own errors (a full disk, a permission, a file gone), into one clear
-    line on stderr and exit code 2, not a traceback."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except SubspaceError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
-        except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"error: {one_line(where + (exc.strerror or str(exc)))}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
-
-    return wrapper
 
 
 def _needs_extras(command: str, func: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,7 +56,7 @@ def main() -> None:
     "--allow-pickle", is_flag=True, help="Accept .bin weights, loaded with torch.load(weights_only=True)."
 )
 @DEVICE
-@_friendly
+@friendly
 def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, device: str) -> None:
     """Fit a shared basis per slot on every task in RECIPE and store per-task cores.
 
@@ -99,7 +79,7 @@ def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, 
 @click.option("--name", help="Task name (default: the adapter folder's name).")
 @click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin, loaded with weights_only=True.")
 @DEVICE
-@_friendly
+@friendly
 def add(store: str, adapter: str, name: str | None, allow_pickle: bool, device: str) -> None:
     """Project ADAPTER onto STORE's existing basis; only its cores and heads are written."""
     from mergekit_subspace import parallel
@@ -119,7 +99,7 @@ def add(store: str, adapter: str, name: str | None, allow_pickle: bool, device: 
 @click.argument("name")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="PEFT folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder (atomically, after success).")
-@_friendly
+@friendly
 def reconstruct(store: str, name: str, out: str, overwrite: bool) -> None:
     """Write task NAME of STORE as a standard PEFT LoRA folder."""
     from mergekit_subspace.subspace import SubspaceStore
@@ -131,7 +111,7 @@ def reconstruct(store: str, name: str, out: str, overwrite: bool) -> None:
 @main.command()
 @click.argument("store", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
+@friendly
 def info(store: str, as_json: bool) -> None:
     """Tasks, slots, k per slot, bytes and reconstruction error of STORE."""
     from mergekit_subspace.subspace import SubspaceStore
@@ -142,7 +122,7 @@ def info(store: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(file_okay=False))
-@_friendly
+@friendly
 def verify(store: str) -> None:
     """Re-hash every file of STORE against its manifest; exit 1 naming what is missing or altered."""
     from mergekit_subspace.subspace import SubspaceStore
@@ -161,7 +141,7 @@ def verify(store: str) -> None:
     "--out", required=True, type=click.Path(file_okay=False), help="Folder for results.json, report.md, PNGs."
 )
 @click.option("--overwrite", is_flag=True, help="Reuse a non-empty output folder.")
-@_friendly
+@friendly
 def bench(recipe: str, out: str, overwrite: bool) -> None:
     """Accuracy and bytes of RECIPE's zoo compressed at each k, beside the baselines.
 

@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Callable
-from functools import wraps
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
+
+from mergekit_subspace.command_errors import friendly
 
 if TYPE_CHECKING:
     from mergekit_subspace.subspace import SubspaceStore
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 STORE = click.argument("store", type=click.Path(file_okay=False))
-
-
-def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
-    """cli._friendly (a SubspaceError becomes one line on stderr and exit 2), looked up when the command runs:
-    cli.py imports this module while it is itself being imported."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mergekit_subspace.cli import _friendly as friendly
-
-        return friendly(func)(*args, **kwargs)
-
-    return wrapper
 
 
 def _open(store: str) -> SubspaceStore:
@@ -42,7 +29,7 @@ def _open(store: str) -> SubspaceStore:
 )
 @STORE
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output: a JSON list of tasks.")
-@_friendly
+@friendly
 def list_tasks(store: str, as_json: bool) -> None:
     """List the tasks of STORE: kind, relative error, whether added after the fit, bytes of its task file,
     and source."""
@@ -55,7 +42,7 @@ def list_tasks(store: str, as_json: bool) -> None:
 @click.command("rm", context_settings=CONTEXT, short_help="Remove tasks in one atomic manifest write.")
 @STORE
 @click.argument("names", nargs=-1, required=True)
-@_friendly
+@friendly
 def rm(store: str, names: tuple[str, ...]) -> None:
     """Remove tasks NAMES from STORE; the shared basis is unchanged.
 
@@ -73,7 +60,7 @@ def rm(store: str, names: tuple[str, ...]) -> None:
 @STORE
 @click.argument("old")
 @click.argument("new")
-@_friendly
+@friendly
 def rename(store: str, old: str, new: str) -> None:
     """Rename task OLD of STORE to NEW (a plain file name: letters, digits, '.', '_', '-').
 
@@ -98,7 +85,7 @@ def rename(store: str, old: str, new: str) -> None:
     show_default=True,
     help="Torch device for the projections (e.g. cuda, cuda:1).",
 )
-@_friendly
+@friendly
 def add_many(store: str, adapters: tuple[str, ...], allow_pickle: bool, quiet: bool, device: str) -> None:
     """Project several ADAPTERS (PEFT LoRA folders or globs, e.g. 'zoo/*') onto STORE's basis in one write.
 
@@ -136,7 +123,7 @@ def add_many(store: str, adapters: tuple[str, ...], allow_pickle: bool, quiet: b
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT/<task>/ folders (each atomically).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_friendly
+@friendly
 def reconstruct_all(store: str, out: str, patterns: tuple[str, ...], overwrite: bool, quiet: bool) -> None:
     """Write every task of STORE (or those matching --match) as a PEFT LoRA folder OUT/<task>/.
 
@@ -160,7 +147,7 @@ def reconstruct_all(store: str, out: str, patterns: tuple[str, ...], overwrite: 
     metavar="OWNER/NAME",
     help="Hub id for the card's `base_model` (default: the adapter's base if it is a hub id or HF cache path).",
 )
-@_friendly
+@friendly
 def export(store: str, name: str, out: str, overwrite: bool, base_model_id: str | None) -> None:
     """Write task NAME of STORE as a PEFT folder with a README.md model card, ready for a model hub,
     vLLM or LoRAX.

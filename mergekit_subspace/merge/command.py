@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.command_errors import friendly
 from mergekit_subspace.merge.methods import METHODS
-
-EXIT_BAD_INPUT = 2
 
 _METHOD_HELP = "\n".join(f"  {m.name:<16} {m.summary}.\n  {'':<16} {m.reference}" for m in METHODS.values())
 
@@ -49,19 +45,16 @@ validation data with its scores, and timings.
 @click.option(
     "--device", default="cpu", show_default=True, help="Torch device for fitting a basis on `adapters:`."
 )
+@friendly
 def merge(
     recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, quiet: bool, device: str
 ) -> None:
     from mergekit_subspace.merge.run import REPORT
     from mergekit_subspace.merge.run import merge as run_merge
 
-    try:
-        result = run_merge(
-            recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet, device=device
-        )
-    except SubspaceError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+    result = run_merge(
+        recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet, device=device
+    )
     if result is None:  # another rank of a torchrun merge: rank 0 reports
         return
     report = result.report

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.command_errors import friendly
 from mergekit_subspace.serve.engine import DEFAULT_MAX_REQUEST_TOKENS
 from mergekit_subspace.serve.guard import (
     BODY_TIMEOUT_S,
@@ -17,7 +17,6 @@ from mergekit_subspace.serve.guard import (
     Limits,
 )
 
-EXIT_BAD_INPUT = 2
 SWITCH_INTERVAL_S = 0.001
 
 
@@ -84,6 +83,7 @@ SWITCH_INTERVAL_S = 0.001
 )
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads.")
 @click.option("--log-level", default="info", show_default=True)
+@friendly
 def serve(
     store: str,
     base: str,
@@ -109,25 +109,21 @@ def serve(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     limits = Limits(max_body_bytes, header_timeout, body_timeout, keep_alive_timeout)
-    try:
-        app = build_app(
-            store,
-            base,
-            tokenizer=tokenizer,
-            quantize=quantize,
-            dtype=dtype,
-            base_name=base_name,
-            max_batch=max_batch,
-            window_s=batch_window_ms / 1000.0,
-            max_pending=max_pending,
-            max_input_tokens=max_input_tokens,
-            max_request_tokens=max_request_tokens,
-            threads=threads,
-            limits=limits,
-        )
-    except SubspaceError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+    app = build_app(
+        store,
+        base,
+        tokenizer=tokenizer,
+        quantize=quantize,
+        dtype=dtype,
+        base_name=base_name,
+        max_batch=max_batch,
+        window_s=batch_window_ms / 1000.0,
+        max_pending=max_pending,
+        max_input_tokens=max_input_tokens,
+        max_request_tokens=max_request_tokens,
+        threads=threads,
+        limits=limits,
+    )
     import uvicorn
 
     from mergekit_subspace.serve.guard import server_config
