@@ -166,3 +166,22 @@ def test_randomized_store_reconstructs_through_peft(
         peft_logits(tiny_bert, out), peft_logits(tiny_bert, bert_zoo[0]), atol=1e-4, rtol=1e-4
     )
     assert store.manifest["settings"]["solver"] == "randomized"
+
+
+def test_a_missing_device_is_a_clear_error(tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mergekit_subspace.cli import main
+    from mergekit_subspace.errors import SubspaceError
+
+    with pytest.raises(SubspaceError, match="not a torch device"):
+        SubspaceBasis(k=4, device="gpu-please")
+    if torch.cuda.is_available():
+        return  # the CUDA path itself is measured on a GPU machine, not here
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"adapters: [{bert_zoo[0]}]\nsubspace: {{k: 2}}\n")
+    result = CliRunner().invoke(
+        main, ["compress", str(recipe), "--out", str(tmp_path / "s"), "--device", "cuda"]
+    )
+    assert result.exit_code == 2 and "no CUDA device is available" in result.output
+    assert not (tmp_path / "s").exists()
