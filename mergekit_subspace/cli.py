@@ -63,6 +63,9 @@ def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, 
     Runs slot by slot in the memory of one slot. Under `torchrun --nproc-per-node P -m mergekit_subspace
     compress RECIPE` the slots are shared out over P processes and rank 0 writes the same store.
     """
+    from mergekit_subspace.recipe import parse_compress_recipe
+
+    parse_compress_recipe(recipe)  # recipe errors answer before torch is imported
     from mergekit_subspace import parallel
     from mergekit_subspace.subspace import SubspaceStore
 

@@ -309,6 +309,10 @@ def check_manifest(raw: dict[str, Any], path: Path) -> None:
     except ValidationError as exc:
         errors = [dict(e, loc=("settings", *e["loc"])) for e in exc.errors()]
         raise damaged(validation_message(errors)) from None
+    if (
+        "dtype" not in raw["settings"]
+    ):  # every store records how its numbers are kept; nothing can be read without
+        raise damaged("settings.dtype is missing")
     slots = raw["slots"]
     for module, meta in slots.items():
         if meta["k_out"] > meta["shape"][0] or meta["k_in"] > meta["shape"][1]:

@@ -5,32 +5,49 @@ from __future__ import annotations
 import click
 
 from mergekit_subspace.command_errors import friendly
-from mergekit_subspace.merge.methods import METHODS
 
-_METHOD_HELP = "\n".join(f"  {m.name:<16} {m.summary}.\n  {'':<16} {m.reference}" for m in METHODS.values())
-
-HELP = f"""Merge tasks of a store (or PEFT adapter folders) as RECIPE says.
+HELP = """Merge tasks of a store (or PEFT adapter folders) as RECIPE says.
 
 \b
 RECIPE is YAML shaped like mergekit's:
   merge_method: ties
   store: stores/my-zoo            # or  adapters: [zoo/a, zoo/b]
   tasks:
-    - {{name: legal, weight: 1.0, validation: data/legal.jsonl}}
-    - {{name: medical, weight: [1.0, 0.5]}}   # gradient over layers
-  parameters: {{density: 0.3}}
-  output: {{path: out/merged, format: peft, rank: 16, heads: per_task}}
+    - {name: legal, weight: 1.0, validation: data/legal.jsonl}
+    - {name: medical, weight: [1.0, 0.5]}   # gradient over layers
+  parameters: {density: 0.3}
+  output: {path: out/merged, format: peft, rank: 16, heads: per_task}
 
 \b
 Methods (each merges the tasks' small cores in the shared basis):
-{_METHOD_HELP}
+{methods}
 
 Writes merge_report.json beside the model(s): method, parameters, weights, the lambda chosen on the
 validation data with its scores, and timings.
 """
 
 
-@click.command("merge", help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+class _MergeCommand(click.Command):
+    """Lists the registered methods only when help is shown: the registry imports torch, which
+    `mergekit-subspace --help` should not wait for."""
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from mergekit_subspace.merge.methods import METHODS
+
+        methods = "\n".join(
+            f"  {m.name:<16} {m.summary}.\n  {'':<16} {m.reference}" for m in METHODS.values()
+        )
+        self.help = HELP.replace("{methods}", methods)
+        super().format_help_text(ctx, formatter)
+
+
+@click.command(
+    "merge",
+    cls=_MergeCommand,
+    help=HELP,
+    short_help="Merge tasks of a store (or PEFT adapter folders) as RECIPE says.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option(
     "--out", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.path)."

@@ -1,9 +1,20 @@
 """Serve many tasks from one basis: per-row task routing in Python (`attach`) and over HTTP (`serve`).
 
-Importing this package loads only torch; the HTTP stack (fastapi, uvicorn) is imported by `app` / `command`.
+Names are imported on first use (they need torch); the HTTP stack (fastapi, uvicorn) is imported by `app` /
+`command` only when a server starts.
 """
 
-from mergekit_subspace.serve.inject import BASE_NAME, MultiTaskModel, attach
-from mergekit_subspace.serve.loading import load_served
+from __future__ import annotations
 
-__all__ = ["BASE_NAME", "MultiTaskModel", "attach", "load_served"]
+import importlib
+from typing import Any
+
+_WHERE = {"BASE_NAME": "inject", "MultiTaskModel": "inject", "attach": "inject", "load_served": "loading"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mergekit_subspace.serve' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"mergekit_subspace.serve.{_WHERE[name]}"), name)

@@ -8,9 +8,9 @@ import sys
 import click
 
 from mergekit_subspace.command_errors import friendly
-from mergekit_subspace.serve.engine import DEFAULT_MAX_REQUEST_TOKENS
 from mergekit_subspace.serve.guard import (
     BODY_TIMEOUT_S,
+    DEFAULT_MAX_REQUEST_TOKENS,
     HEADER_TIMEOUT_S,
     KEEP_ALIVE_S,
     MAX_BODY_BYTES,

@@ -15,6 +15,7 @@ import torch
 
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.serve.batching import BatchInfo, Job
+from mergekit_subspace.serve.guard import DEFAULT_MAX_REQUEST_TOKENS
 from mergekit_subspace.serve.inject import MultiTaskModel
 from mergekit_subspace.serve.loading import Kind
 
@@ -22,7 +23,6 @@ log = logging.getLogger("mergekit_subspace.serve")
 DEFAULT_MAX_TOKENS = 16
 # Work one request may queue, in rows x tokens (its row count times its longest row, prompt + max_tokens for
 # completions): one full batch of 64 rows x 512 tokens. Never below the context, so one full-length row fits.
-DEFAULT_MAX_REQUEST_TOKENS = 64 * 512
 # A text longer than max_input_tokens x this many characters is refused without tokenizing it: no real text
 # averages 32 characters a token, and tokenizing megabytes only to refuse them costs seconds of CPU.
 MAX_CHARS_PER_TOKEN = 32

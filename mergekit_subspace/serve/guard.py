@@ -22,6 +22,7 @@ from typing import Any
 log = logging.getLogger("mergekit_subspace.serve")
 
 MAX_BODY_BYTES = 4 << 20
+DEFAULT_MAX_REQUEST_TOKENS = 64 * 512  # rows x tokens one request may queue: one batch of 64 x 512
 HEADER_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 30.0
 KEEP_ALIVE_S = 5.0
