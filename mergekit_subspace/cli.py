@@ -65,15 +65,24 @@ def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, 
     """
     from mergekit_subspace.recipe import parse_compress_recipe
 
-    parse_compress_recipe(recipe)  # recipe errors answer before torch is imported
+    parsed = parse_compress_recipe(recipe)  # recipe errors answer before torch is imported
     from mergekit_subspace import parallel
     from mergekit_subspace.subspace import SubspaceStore
 
+    target = out if out is not None else parsed.output
+    added = SubspaceStore.added_tasks(target) if overwrite and target is not None else []
     store = SubspaceStore.compress(
         recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle, device=device
     )
     if parallel.current(device).main:
         click.echo(format_info(store.info()))
+        dropped = [name for name in added if name not in store.tasks]
+        if dropped:
+            click.echo(
+                f"note: the replaced store held {len(dropped)} task(s) added after its fit that this recipe "
+                f"does not name, now dropped: {', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}"
+                " (add them to the recipe, or add them again)"
+            )
 
 
 @main.command()

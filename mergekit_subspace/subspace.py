@@ -337,6 +337,16 @@ class SubspaceStore:
             }
             (tmp / MANIFEST).write_bytes(manifest_bytes(manifest))
 
+    @staticmethod
+    def added_tasks(path: str | Path) -> list[str]:
+        """Tasks added after the fit of the store at `path` ([] when there is no readable store there): what
+        a `compress --overwrite` of it drops unless its recipe names them."""
+        try:
+            manifest = StoreFiles(path).manifest
+        except SubspaceError:
+            return []
+        return sorted(name for name, entry in manifest["tasks"].items() if entry.get("added_after_fit"))
+
     # ---- reading --------------------------------------------------------------------------------------
     @property
     def manifest(self) -> dict[str, Any]:

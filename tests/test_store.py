@@ -217,3 +217,16 @@ def test_lora_bias_keeps_its_scale(tiny_bert: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(
         peft_logits(tiny_bert, out), peft_logits(tiny_bert, zoo[1]), atol=1e-5, rtol=1e-5
     )
+
+
+def test_overwrite_names_the_added_tasks_it_drops(
+    tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path
+) -> None:
+    store_path = compress_zoo(tmp_path, tiny_bert, bert_zoo[:3])
+    SubspaceStore(store_path).add(bert_zoo[3])
+    result = CliRunner().invoke(main, ["compress", str(tmp_path / "recipe.yaml"), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "added after its fit" in result.output and "dropped: task3" in result.output
+    assert SubspaceStore(store_path).tasks == ["task0", "task1", "task2"]
+    again = CliRunner().invoke(main, ["compress", str(tmp_path / "recipe.yaml"), "--overwrite"])
+    assert again.exit_code == 0 and "dropped" not in again.output  # nothing added since: nothing to say
