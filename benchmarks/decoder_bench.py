@@ -33,7 +33,7 @@ from mergekit_subspace.io.codec import STORE_DTYPES  # noqa: E402
 from mergekit_subspace.io.files import atomic_write_bytes, json_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_DECODER_ZOO", "/work/zoo-cache/decoder"))
+DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_DECODER_ZOO", str(ROOT / "cache" / "decoder")))
 DEFAULT_OUT = ROOT / "results" / "decoder"
 
 GGUF_NOTE = (

@@ -32,7 +32,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DEFAULT_ZOO = "/work/zoo-cache/text"
+DEFAULT_ZOO = str(Path(__file__).resolve().parent / "cache" / "text")
 DEFAULT_OUT = "benchmarks/results/merge"
 DEFAULT_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 DEFAULT_VAL = 32

@@ -51,7 +51,7 @@ from mergekit_subspace.sources import TaskSource  # noqa: E402
 from mergekit_subspace.subspace import SubspaceStore, load_recipe_tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_VIT_ZOO", "/work/zoo-cache/vit"))
+DEFAULT_CACHE = Path(os.environ.get("MERGEKIT_VIT_ZOO", str(ROOT / "cache" / "vit")))
 DEFAULT_OUT = ROOT / "results" / "scale"
 METHODS = ("original", "reconstructed", "per_task_svd", "mean_adapter", "base_only")
 
