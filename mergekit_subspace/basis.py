@@ -293,6 +293,7 @@ def randomized_fit(
     norms_sq: list[torch.Tensor] = []
     krylov_out: list[torch.Tensor] = []
     krylov_in: list[torch.Tensor] = []
+    grams: list[tuple[torch.Tensor, torch.Tensor]] = []
     for pass_index in range(1 + power_iters):
         probe_out, probe_in = sketch_out, sketch_in
         if pass_index > 0:
@@ -300,9 +301,11 @@ def randomized_fit(
         sketch_out = torch.zeros(m, width_out, dtype=SKETCH_DTYPE, device=device)
         sketch_in = torch.zeros(n, width_in, dtype=SKETCH_DTYPE, device=device)
         for index, block in enumerate(blocks()):
-            A3 = block.A.reshape(block.count, block.rank, n)
-            B3 = block.per_task(block.B)  # b x m x r
-            gram_a, gram_b = A3 @ A3.transpose(1, 2), B3.transpose(1, 2) @ B3
+            if pass_index == 0:  # each adapter's r x r Gram matrices, kept for every later pass
+                A3 = block.A.reshape(block.count, block.rank, n)
+                B3 = block.per_task(block.B)  # b x m x r
+                grams.append((A3 @ A3.transpose(1, 2), B3.transpose(1, 2) @ B3))
+            gram_a, gram_b = grams[index]
             if pass_index == 0:
                 norm_sq = torch.sum(gram_a.double() * gram_b.double(), dim=(1, 2))
                 norms_sq.append(norm_sq)
@@ -331,13 +334,10 @@ def randomized_fit(
     lefts: list[torch.Tensor] = []
     rights: list[torch.Tensor] = []
     for index, block in enumerate(blocks()):
-        A3 = block.A.reshape(block.count, block.rank, n)
-        B3 = block.per_task(block.B)
         left = block.per_task(Q_out.T @ block.B)  # b x l_out x r
         right = (block.A @ Q_in).reshape(block.count, block.rank, -1)  # b x r x l_in
         w2 = (weights[index] ** 2)[:, None, None]
-        gram_a = (A3 @ A3.transpose(1, 2)).double()
-        gram_b = (B3.transpose(1, 2) @ B3).double()
+        gram_a, gram_b = (gram.double() for gram in grams[index])
         left64, right64 = left.double(), right.double()
         small_out += torch.sum(w2 * (left64 @ gram_a @ left64.transpose(1, 2)), dim=0)
         small_in += torch.sum(w2 * (right64.transpose(1, 2) @ gram_b @ right64), dim=0)
