@@ -260,7 +260,7 @@ def run_one(spec: Spec, port: int, client: Any, url: str) -> Outcome:
             if status == 200:
                 data = reply.json()["data"]
                 width = LABELS.get(spec.body["model"], 3)
-                if any(len(row["scores"]) != width or not 0 <= row["label"] < width for row in data):
+                if any(len(row["scores"]) != width or not 0 <= row["label_id"] < width for row in data):
                     error = "wrong label count"
         elif spec.kind == "malformed_json":
             status = client.post(

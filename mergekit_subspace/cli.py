@@ -11,10 +11,11 @@ from typing import Any
 
 import click
 
+from mergekit_subspace import quiet
 from mergekit_subspace.command_errors import EXIT_BAD_INPUT, friendly
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.extras import require_extras
-from mergekit_subspace.report import format_info
+from mergekit_subspace.report import describe_add, format_info
 
 DEVICE = click.option(
     "--device",
@@ -41,9 +42,13 @@ def _needs_extras(command: str, func: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergekit-subspace")
-def main() -> None:
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Show the libraries' own logging, warnings and progress bars too."
+)
+def main(verbose: bool) -> None:
     """Compress a zoo of LoRA adapters (and fine-tunes) onto one shared low-rank basis per layer."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet.configure(verbose)
 
 
 @main.command()
@@ -76,6 +81,11 @@ def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, 
     )
     if parallel.current(device).main:
         click.echo(format_info(store.info()))
+        from mergekit_subspace.target import describe
+
+        chosen = describe(store)  # what a `subspace.target` picked, in one line
+        if chosen:
+            click.echo(chosen)
         dropped = [name for name in added if name not in store.tasks]
         if dropped:
             click.echo(
@@ -90,19 +100,86 @@ def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, 
 @click.argument("adapter", type=click.Path())
 @click.option("--name", help="Task name (default: the adapter folder's name).")
 @click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin, loaded with weights_only=True.")
+@click.option(
+    "--policy",
+    type=click.Choice(["auto", "project", "grow"]),
+    default="auto",
+    show_default=True,
+    help="project: coefficients on the basis as it is; grow: append the directions the basis misses; "
+    "auto: project when the error is within --max-rel-error, grow otherwise.",
+)
+@click.option(
+    "--max-rel-error",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Refuse to store the task with a larger relative error (growth aims at half of it).",
+)
 @DEVICE
 @friendly
-def add(store: str, adapter: str, name: str | None, allow_pickle: bool, device: str) -> None:
-    """Project ADAPTER onto STORE's existing basis; only its cores and heads are written."""
+def add(
+    store: str,
+    adapter: str,
+    name: str | None,
+    allow_pickle: bool,
+    policy: str,
+    max_rel_error: float,
+    device: str,
+) -> None:
+    """Add ADAPTER to STORE: its cores and heads, and the basis directions it needs when it does not fit."""
     from mergekit_subspace import parallel
     from mergekit_subspace.subspace import SubspaceStore
 
     opened = SubspaceStore(store)
-    entry = opened.add(adapter, name=name, allow_pickle=allow_pickle, device=device)
+    entry = opened.add(
+        adapter,
+        name=name,
+        allow_pickle=allow_pickle,
+        device=device,
+        policy=policy,
+        max_rel_error=max_rel_error,
+    )
     if not parallel.current(device).main:
         return
+    click.echo(describe_add(entry))
+
+
+@main.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option(
+    "--add", "adapters", multiple=True, type=click.Path(), help="An adapter to fit in as well (repeatable)."
+)
+@click.option(
+    "--settings",
+    type=click.Path(dir_okay=False),
+    help="YAML with new `subspace:` settings (default: the store's own).",
+)
+@click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin, loaded with weights_only=True.")
+@DEVICE
+@friendly
+def refit(
+    store: str, adapters: tuple[str, ...], settings: str | None, allow_pickle: bool, device: str
+) -> None:
+    """Fit STORE's basis again from its stored tasks (no sources needed) plus any --add adapters.
+
+    The store is replaced atomically when the fit has succeeded; a store that grew through many adds
+    becomes compact again.
+    """
+    from mergekit_subspace import parallel
+    from mergekit_subspace.recipe import parse_settings_file
+    from mergekit_subspace.subspace import SubspaceStore
+
+    opened = SubspaceStore(store)
+    parsed = parse_settings_file(settings) if settings else None
+    before = opened.files.bytes_on_disk()
+    refitted = opened.refit(list(adapters), parsed, allow_pickle=allow_pickle, device=device)
+    if not parallel.current(device).main:
+        return
+    info = refitted.info()
+    errors = [t["rel_error"] for t in info["per_task"].values()]
     click.echo(
-        f"added '{entry['name']}': relative error {entry['rel_error']:.4f} over {len(entry['slots'])} slots"
+        f"refit {len(errors)} tasks: {before} -> {info['bytes']['store']} bytes, ratio {info['ratio']:.1f}x, "
+        f"mean relative error {sum(errors) / len(errors):.4f} (worst {max(errors):.4f})"
     )
 
 
@@ -176,11 +253,13 @@ def bench(recipe: str, out: str, overwrite: bool) -> None:
 
 def _register_feature_commands() -> None:
     """Commands that live beside their feature's code; they import their heavy dependencies lazily."""
+    from mergekit_subspace.analyze_command import analyze
     from mergekit_subspace.manage_command import COMMANDS as manage_commands
     from mergekit_subspace.merge.command import merge
     from mergekit_subspace.serve.command import serve
 
     main.add_command(merge)
+    main.add_command(analyze)
     main.add_command(serve)
     for command in manage_commands:  # list, rm, rename, add-many, reconstruct-all, export
         main.add_command(command)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import check_device
+from mergekit_subspace.grow import DEFAULT_MAX_REL_ERROR, check_policy
 from mergekit_subspace.io.files import (
     _fsync_dir,
     atomic_directory,
@@ -40,7 +41,7 @@ from mergekit_subspace.lowrank import LowRankDelta, SlotProjector
 from mergekit_subspace.recipe import check_task_name, expand_entries
 from mergekit_subspace.report import human_bytes, table
 from mergekit_subspace.sources import TaskSource, check_unique_names, lora_task
-from mergekit_subspace.subspace import SubspaceStore, _task_file_and_entry, encode_slot
+from mergekit_subspace.subspace import SubspaceStore, _task_file_and_entry, _total_rel_error, encode_slot
 
 CARD = "README.md"
 STAGING_PREFIX = ".add-many."
@@ -257,8 +258,12 @@ def add_many(
     allow_pickle: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    max_rel_error: float = DEFAULT_MAX_REL_ERROR,
 ) -> list[dict[str, Any]]:
     """Project several adapters onto the store's bases and add them with one manifest write.
+
+    The bases do not grow here (a batch would have to grow them once per task, in order): a task the bases
+    cannot hold within `max_rel_error` refuses the batch, naming `add --policy auto` and `refit --add`.
 
     Every adapter's config and header is read, and names and shapes checked, before anything is projected;
     the task files are staged in a hidden folder while projecting, moved into the store when all succeeded,
@@ -267,6 +272,7 @@ def add_many(
     its name, in input order.
     """
     _check_single_process("add-many")
+    check_policy("project", max_rel_error)
     device = check_device(device)
     with _store_lock(store):
         started = _manifest_digest(store)
@@ -296,6 +302,14 @@ def add_many(
                 if device != "cpu":
                     delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
                 slots[module] = encode_slot(source, module, delta, projector(module), dtype)
+            error = _total_rel_error(slots)
+            if error > max_rel_error:
+                raise SubspaceError(
+                    f"would be stored with relative error {error:.3f} on the bases as they are, above "
+                    f"max_rel_error {max_rel_error:g}; add it alone with `add --policy auto` (which grows the "
+                    "basis) or fit it in with `refit --add`; nothing was written",
+                    source.source,
+                )
             data, entry = _task_file_and_entry(source, slots, dtype, added=True)
             atomic_write_bytes(staging / f"{source.name}.safetensors", data)
             staged[source.name] = (sha256_bytes(data), entry)

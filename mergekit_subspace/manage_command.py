@@ -85,20 +85,41 @@ def rename(store: str, old: str, new: str) -> None:
     show_default=True,
     help="Torch device for the projections (e.g. cuda, cuda:1).",
 )
+@click.option(
+    "--max-rel-error",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Refuse the batch if any task would be stored with a larger relative error.",
+)
 @friendly
-def add_many(store: str, adapters: tuple[str, ...], allow_pickle: bool, quiet: bool, device: str) -> None:
+def add_many(
+    store: str,
+    adapters: tuple[str, ...],
+    allow_pickle: bool,
+    quiet: bool,
+    device: str,
+    max_rel_error: float,
+) -> None:
     """Project several ADAPTERS (PEFT LoRA folders or globs, e.g. 'zoo/*') onto STORE's basis in one write.
 
     Task names are the folder names. All task files are written first and the manifest once at the end. If any
-    adapter is bad or a name repeats (in the batch or in the store), the whole batch is refused with one line
-    and nothing is written; so it is if another add, rm or rename changed the store while it ran.
+    adapter is bad, a name repeats (in the batch or in the store) or a task would be stored with a relative
+    error above --max-rel-error, the whole batch is refused with one line and nothing is written; so it is if
+    another add, rm or rename changed the store while it ran. A task the basis cannot hold is added alone
+    with `add` (its --policy auto grows the basis), or the store is refit with `refit --add`.
     """
     from mergekit_subspace.manage import add_many as run_add_many
     from mergekit_subspace.manage import expand_adapters
 
     opened = _open(store)
     entries = run_add_many(
-        opened, expand_adapters(adapters), allow_pickle=allow_pickle, device=device, progress=not quiet
+        opened,
+        expand_adapters(adapters),
+        allow_pickle=allow_pickle,
+        device=device,
+        progress=not quiet,
+        max_rel_error=max_rel_error,
     )
     for entry in entries:
         click.echo(

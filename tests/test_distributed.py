@@ -23,7 +23,13 @@ def _env() -> dict[str, str]:
 def run(args: list[str], procs: int, cwd: Path) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "mergekit_subspace"]
     if procs > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={procs}",
+        ]
         launcher += ["-m", "mergekit_subspace"]
     return subprocess.run(
         launcher + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300, check=False
@@ -57,6 +63,7 @@ def test_two_processes_write_the_same_bytes_and_stop_together(
     assert added.returncode == 0, added.stderr
     assert files(tmp_path / "one") == files(tmp_path / "one-add")
     assert added.stdout.count("added 'task4'") == 1
+    assert "grew the basis" in added.stdout  # the int8 basis grew, identically with 1 and 2 processes
 
     # merge from adapters: the basis is fit across the ranks, rank 0 merges and writes
     merge = tmp_path / "merge.yaml"

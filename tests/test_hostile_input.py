@@ -772,7 +772,7 @@ READ_CASES = [
     ),
     manifest_case(
         "manifest settings dtype unknown",
-        lambda r: r["settings"].update(dtype="int4"),
+        lambda r: r["settings"].update(dtype="int3"),
         "settings.dtype",
         command=lambda e: ["info", str(e.store)],
     ),

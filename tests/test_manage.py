@@ -53,9 +53,9 @@ def assert_intact(store_path: Path) -> SubspaceStore:
 
 @pytest.fixture
 def store_path(tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path) -> Path:
-    """task0..task3 compressed (k 64: exact), task4 added after the fit."""
+    """task0..task3 compressed (k 64: exact), task4 added after the fit by projection (basis unchanged)."""
     path = compress_zoo(tmp_path / "s", tiny_bert, bert_zoo[:4])
-    ok("add", path, bert_zoo[4])
+    ok("add", path, bert_zoo[4], "--policy", "project", "--max-rel-error", "1")
     return path
 
 
@@ -175,10 +175,10 @@ def test_add_many_equals_add_one_by_one(tiny_bert: Path, bert_zoo: list[Path], t
     single = tmp_path / "single"
     shutil.copytree(batch, single)
     zoo = bert_zoo[0].parent
-    output = ok("add-many", batch, zoo / "task[03]", zoo / "task4")
+    output = ok("add-many", batch, zoo / "task[03]", zoo / "task4", "--max-rel-error", "1")
     assert "3 task(s) added" in output and "added 'task3'" in output
     for adapter in (bert_zoo[0], bert_zoo[3], bert_zoo[4]):
-        ok("add", single, adapter)
+        ok("add", single, adapter, "--policy", "project", "--max-rel-error", "1")
     store = assert_intact(batch)
     assert store.tasks == [f"task{i}" for i in range(5)]
     assert snapshot(batch) == snapshot(single)  # the same task files and the same manifest, byte for byte
@@ -197,7 +197,15 @@ def test_add_many_bad_batch_writes_nothing(tiny_bert: Path, bert_zoo: list[Path]
     save_file(weights, poisoned / "adapter_model.safetensors")
     wrong_shape = make_lora(tiny_bert, tmp_path / "bad" / "wide", seed=7, targets=("intermediate.dense",))
     before = snapshot(store_path)
-    refused("add-many", store_path, zoo / "task[034]", poisoned, fragment="contains NaN or Inf")
+    refused(
+        "add-many",
+        store_path,
+        zoo / "task[034]",
+        poisoned,
+        "--max-rel-error",
+        "1",
+        fragment="contains NaN or Inf",
+    )
     refused("add-many", store_path, zoo / "task3", zoo / "task[03]", fragment="two tasks are named 'task3'")
     refused("add-many", store_path, zoo / "task0", zoo / "task1", fragment="'task1' is already in the store")
     refused("add-many", store_path, zoo / "task0", wrong_shape, fragment="intermediate.dense")
@@ -323,7 +331,7 @@ def test_add_many_refuses_a_store_changed_meanwhile(
 
     monkeypatch.setattr(manage, "encode_slot", meddling)
     with pytest.raises(SubspaceError, match="changed while this ran"):
-        SubspaceStore(store_path).add_many([bert_zoo[0], bert_zoo[3]], progress=False)
+        SubspaceStore(store_path).add_many([bert_zoo[0], bert_zoo[3]], progress=False, max_rel_error=1.0)
     store = assert_intact(store_path)
     assert store.tasks == ["other", "task2"]
     assert sorted(p.name for p in store_path.iterdir()) == ["basis.safetensors", "manifest.json", "tasks"]

@@ -504,7 +504,9 @@ def _head_centred_at(base: Path, adapter: Path, texts: list[str], scale: float, 
     return out
 
 
-def test_budget_bytes_sizes_the_in_memory_basis_as_compress_does(two_bert: list[Path], tmp_path: Path) -> None:
+def test_budget_bytes_sizes_the_in_memory_basis_as_compress_does(
+    two_bert: list[Path], tmp_path: Path
+) -> None:
     """Merging from adapters fits the same SubspaceBasis as compress, so a byte budget means the same."""
     from mergekit_subspace.fit import SubspaceBasis
     from mergekit_subspace.recipe import SubspaceSettings

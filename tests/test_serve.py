@@ -534,7 +534,7 @@ def test_classify_mixed_tasks_in_input_order(cls_server: dict) -> None:
                     head_base = cls_server["five"] if task == "five" else base
                     logits = peft_model(head_base, cls_server["rebuilt"][task])(input_ids=ids).logits[0]
             scores = torch.softmax(logits, -1)
-            assert row["label"] == int(scores.argmax())
+            assert row["label_id"] == int(scores.argmax())
             assert row["scores"] == pytest.approx(scores.tolist(), abs=1e-5)
     assert len(replies[1].json()["data"][0]["scores"]) == 5
 

@@ -215,7 +215,7 @@ def test_http_classify_rows_use_their_own_label_count(server: dict) -> None:
             ids = torch.tensor(ids_of([text], server["base"]))
             with torch.no_grad():
                 ref = peft_model(server["bases"][width], server["rebuilt"][task])(input_ids=ids).logits[0]
-            assert len(row["scores"]) == width and row["label"] == int(ref.argmax())
+            assert len(row["scores"]) == width and row["label_id"] == int(ref.argmax())
             assert row["scores"] == pytest.approx(torch.softmax(ref, -1).tolist(), abs=1e-5)
 
 

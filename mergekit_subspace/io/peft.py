@@ -360,3 +360,32 @@ def write_lora_adapter(
         (tmp / CONFIG_NAME).write_bytes(json_bytes(written))
         (tmp / WEIGHTS_NAME).write_bytes(tensors_to_bytes(tensors, metadata={"format": "pt"}))
     return out
+
+
+MODEL_CONFIG_NAME = "config.json"
+_DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
+
+
+def read_labels(folder: str | Path) -> list[str] | None:
+    """A classifier's label names (index = class id) from `id2label` in the folder's config.json, if it has one.
+
+    An adapter folder holds one when the model's config was saved beside it (`model.config.save_pretrained`);
+    a fine-tune always does. transformers' placeholder names (LABEL_0, LABEL_1, ...) say nothing: None.
+    """
+    path = Path(folder) / MODEL_CONFIG_NAME
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    id2label = config.get("id2label") if isinstance(config, dict) else None
+    if id2label is None:
+        return None
+    if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
+        raise SubspaceError("id2label must map class ids to label names", path)
+    try:
+        ids = sorted(int(k) for k in id2label)
+    except ValueError:
+        raise SubspaceError("id2label's keys must be class ids (0, 1, ...)", path) from None
+    if ids != list(range(len(ids))):
+        raise SubspaceError(f"id2label's ids must be 0..{len(ids) - 1} without gaps, not {ids[:8]}", path)
+    names = [id2label[k] for k in sorted(id2label, key=int)]
+    return None if all(_DEFAULT_LABEL.match(n) for n in names) else names

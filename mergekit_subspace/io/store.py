@@ -4,8 +4,9 @@ The manifest is written last and holds the sha256 of every other file, so a stor
 says, and `verify` can tell a damaged one. Canonical JSON and sorted tensor keys make equal inputs give
 byte-identical files.
 
-A store only ever touches `basis.safetensors`, `tasks/<plain task name>.safetensors` and `manifest.json`
-inside its folder: the manifest is validated when it is read (types, ranges, and every file name it holds), no
+A store only ever touches `basis.safetensors` (or `basis-<n>.safetensors`, the name a grown basis is written
+under so that the manifest switches to it in one rename), `tasks/<plain task name>.safetensors` and
+`manifest.json` inside its folder: the manifest is validated when it is read (types, ranges, and every file name it holds), no
 file is followed through a symlink, and every file is checked against its sha256 when it is read. The manifest
 carries a digest of its own content (`manifest_sha256`), so `verify` also tells a manifest edited together
 with re-hashed files (this guards against damage and careless edits, not against someone who recomputes it).
@@ -22,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,13 +34,17 @@ from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, ValidationError
 
 from mergekit_subspace.errors import SubspaceError, validation_message
 from mergekit_subspace.io.codec import (
+    INT_DTYPES,
     PackedCores,
     SlotLayout,
     decode,
     dense_core,
     encode,
+    int4_groups,
     number_dtype,
+    pack_nibbles,
     unpack_cores,
+    unpack_nibbles,
 )
 from mergekit_subspace.io.files import (
     atomic_write_bytes,
@@ -60,10 +66,22 @@ EXTRA_PREFIX = "extra:"
 CORES_KEY = "cores"
 SCALES_KEY = "core_scales"
 SCALE_SUFFIX = ".scale"
-SLOT_COLUMNS = ("rank", "rho", "norm", "rel_error", "alpha")
+SLOT_COLUMNS = ("rank", "rho", "norm", "rel_error", "alpha", "k_out", "k_in")
+BASIS_NAME = re.compile(r"basis(-[1-9][0-9]{0,8})?\.safetensors")
 FLOAT_DIGITS = 6
 DIGEST_KEY = "manifest_sha256"
 FLAT_KEYS = frozenset({"slot_table", "spectrum_out"})  # typed as flat lists; not walked for nesting
+
+
+def basis_file(manifest: dict[str, Any]) -> str:
+    """The basis file a manifest names: basis.safetensors, or basis-<n>.safetensors after the basis grew."""
+    return manifest.get("basis_file") or BASIS
+
+
+def next_basis_file(manifest: dict[str, Any]) -> str:
+    """The name a grown basis is written under: a new file, so the manifest's rename is the one switch."""
+    match = re.fullmatch(r"basis-([0-9]+)\.safetensors", basis_file(manifest))
+    return f"basis-{int(match.group(1)) + 1 if match else 1}.safetensors"
 
 
 def task_file(name: str) -> str:
@@ -77,17 +95,53 @@ def basis_keys(module: str) -> tuple[str, str]:
 def basis_tensors(
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """File tensors of the bases (int8 adds one scale pair per slot) and the bases as they will read back."""
+    """File tensors of the bases (int8 adds one scale pair per slot; int4 packs U and V flat, two numbers a
+    byte, and adds U's group scales then V's) and the bases as they will read back."""
     tensors: dict[str, torch.Tensor] = {}
     readback: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module, (U, V) in bases.items():
         (u, su), (v, sv) = encode(U, dtype), encode(V, dtype)
         key_u, key_v = basis_keys(module)
         tensors[key_u], tensors[key_v] = u, v
-        if su is not None and sv is not None:
+        if isinstance(su, torch.Tensor) and isinstance(sv, torch.Tensor):
+            tensors[key_u], tensors[key_v] = pack_nibbles(u), pack_nibbles(v)
+            tensors[module + SCALE_SUFFIX] = torch.cat([su, sv])
+        elif su is not None and sv is not None:
             tensors[module + SCALE_SUFFIX] = torch.tensor([su, sv], dtype=torch.float32)
         readback[module] = (decode(u, su), decode(v, sv))
     return tensors, readback
+
+
+def append_basis_columns(
+    tensors: dict[str, torch.Tensor],
+    module: str,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    dtype: str,
+    root: Path,
+) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The basis file's tensors with columns X, Y appended to one slot's U, V, and that slot's bases as they
+    will read back. The old columns keep their stored values exactly (older cores stay valid): an int8 basis
+    encodes the new columns with the slot's existing scales, clipping what they cannot hold (the task's
+    error is measured on the bases as stored)."""
+    key_u, key_v = basis_keys(module)
+    out = dict(tensors)
+    if dtype in FLOAT_DTYPES:
+        out[key_u] = torch.cat([tensors[key_u], X.to(number_dtype(dtype))], dim=1)
+        out[key_v] = torch.cat([tensors[key_v], Y.to(number_dtype(dtype))], dim=1)
+        return out, (out[key_u], out[key_v])
+    if dtype != "int8":
+        raise SubspaceError(
+            f"the basis of a {dtype} store cannot grow yet; add with --policy project, or compress again",
+            root / MANIFEST,
+        )
+    scale_u, scale_v = (float(x) for x in tensors[module + SCALE_SUFFIX])
+    grown = []
+    for key, new, scale in ((key_u, X, scale_u), (key_v, Y, scale_v)):
+        levels = torch.round(new.to(torch.float64) / scale).clamp_(-127, 127).to(torch.int8)
+        out[key] = torch.cat([tensors[key], levels], dim=1)
+        grown.append(decode(out[key], scale))
+    return out, (grown[0], grown[1])
 
 
 def task_tensors(packed: PackedCores, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,7 +194,7 @@ def compact_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "peft_configs": configs,
         "tasks": tasks,
         "files": manifest["files"],
-    }
+    } | ({"basis_file": manifest["basis_file"]} if manifest.get("basis_file") else {})
 
 
 def expand_manifest(raw: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -225,6 +279,10 @@ class _SlotTable(BaseModel):
     norm: list[NonNegFinite | None] | None = None
     rel_error: list[NonNegFinite | None] | None = None
     alpha: list[Finite | None] | None = None
+    k_out: list[PositiveInt | None] | None = (
+        None  # the basis width a task was encoded on, where the basis grew
+    )
+    k_in: list[PositiveInt | None] | None = None
 
 
 class _TaskModel(_Open):
@@ -266,6 +324,7 @@ class _ManifestModel(_Open):
     peft_configs: dict[str, _StoredConfig]
     tasks: dict[str, _TaskModel]
     files: dict[str, Sha256]
+    basis_file: str | None = None
     manifest_sha256: Sha256 | None = None
 
 
@@ -317,7 +376,10 @@ def check_manifest(raw: dict[str, Any], path: Path) -> None:
     for module, meta in slots.items():
         if meta["k_out"] > meta["shape"][0] or meta["k_in"] > meta["shape"][1]:
             raise damaged(f"slot '{module}' has k ({meta['k_out']}, {meta['k_in']}) beyond its shape")
-    expected_files = {BASIS}
+    basis_name = raw.get("basis_file") or BASIS
+    if not BASIS_NAME.fullmatch(basis_name):
+        raise damaged(f"basis_file '{basis_name[:120]}' is not basis.safetensors or basis-<n>.safetensors")
+    expected_files = {basis_name}
     for name, entry in raw["tasks"].items():
         if not TASK_NAME.match(name) or name in {".", ".."} or len(name) > 200:
             raise damaged(f"task name '{name[:80]}' is not a plain file name")
@@ -344,6 +406,12 @@ def check_manifest(raw: dict[str, Any], path: Path) -> None:
                 raise damaged(
                     f"task '{name}' slot column '{column}' has {len(table[column])} rows, not {rows}"
                 )
+        ordered = sorted(slots)
+        for column in ("k_out", "k_in"):
+            for row, width in enumerate(table.get(column) or []):
+                meta = slots[ordered[table["slot"][row]]]
+                if width is not None and width > meta[column]:
+                    raise damaged(f"task '{name}' has {column} {width} beyond its slot's {meta[column]}")
     files = set(raw["files"])
     if files != expected_files:
         extra = sorted(files - expected_files)
@@ -353,9 +421,30 @@ def check_manifest(raw: dict[str, Any], path: Path) -> None:
 
 
 def slot_layouts(entry: dict[str, Any], slots: dict[str, Any]) -> list[SlotLayout]:
+    """Each slot's core layout in a task file, at the basis width the task was encoded on."""
+    layouts = []
+    for m in sorted(entry["slots"]):
+        stats = entry["slots"][m]
+        k_out = stats.get("k_out") or slots[m]["k_out"]
+        k_in = stats.get("k_in") or slots[m]["k_in"]
+        layouts.append(SlotLayout(m, k_out, k_in, int(stats.get("rho", 0))))
+    return layouts
+
+
+def pad_to_basis(matrices: list[torch.Tensor], k_out: int, k_in: int) -> list[torch.Tensor]:
+    """A core encoded before its slot's basis grew, widened to the basis: the task reads as zero on the
+    directions added after it (its delta had no component there when it was stored)."""
+    if len(matrices) == 1:
+        core = matrices[0]
+        if tuple(core.shape) == (k_out, k_in):
+            return matrices
+        return [torch.nn.functional.pad(core, (0, k_in - core.shape[1], 0, k_out - core.shape[0]))]
+    P, Q = matrices
+    if P.shape[0] == k_out and Q.shape[1] == k_in:
+        return matrices
     return [
-        SlotLayout(m, slots[m]["k_out"], slots[m]["k_in"], int(entry["slots"][m].get("rho", 0)))
-        for m in sorted(entry["slots"])
+        torch.nn.functional.pad(P, (0, 0, 0, k_out - P.shape[0])),
+        torch.nn.functional.pad(Q, (0, k_in - Q.shape[1])),
     ]
 
 
@@ -393,7 +482,7 @@ class StoreFiles:
     def path(self, rel: str) -> Path:
         """STORE/rel for a name the manifest allows, refusing a symlinked tasks/ or file."""
         if (
-            rel != BASIS
+            not BASIS_NAME.fullmatch(rel)
             and rel != MANIFEST
             and not (
                 rel.startswith(f"{TASKS_DIR}/")
@@ -437,19 +526,22 @@ class StoreFiles:
 
     def basis_tensors(self) -> dict[str, torch.Tensor]:
         if self._basis is None:
-            self._basis = tensors_from_bytes(self.read_verified(BASIS), self.root / BASIS)
+            name = basis_file(self.manifest)
+            self._basis = tensors_from_bytes(self.read_verified(name), self.root / name)
         return self._basis
 
     def basis(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U, V) of one slot: as stored for float stores, dequantized to float32 for int8."""
+        """(U, V) of one slot: as stored for float stores, dequantized to float32 for int8 and int4."""
         key_u, key_v = basis_keys(module)
         tensors = self.basis_tensors()
-        path = self.root / BASIS
+        path = self.root / basis_file(self.manifest)
         meta = self.manifest["slots"].get(module)
         if key_u not in tensors or key_v not in tensors or meta is None:
             raise SubspaceError(f"has no basis for slot '{module}'", path)
         U, V = tensors[key_u], tensors[key_v]
         expected = ((meta["shape"][0], meta["k_out"]), (meta["shape"][1], meta["k_in"]))
+        if self.manifest["settings"]["dtype"] == "int4":
+            return self._int4_basis(module, U, V, tensors.get(module + SCALE_SUFFIX), expected, path)
         if (tuple(U.shape), tuple(V.shape)) != expected:
             raise SubspaceError(
                 f"basis of slot '{module}' is {tuple(U.shape)}, {tuple(V.shape)}; the manifest says {expected}",
@@ -464,6 +556,31 @@ class StoreFiles:
         if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (2,):
             raise SubspaceError(f"int8 basis of slot '{module}' has no (2,) float32 scales", path)
         return decode(U, float(scales[0])), decode(V, float(scales[1]))
+
+    @staticmethod
+    def _int4_basis(
+        module: str,
+        U: torch.Tensor,
+        V: torch.Tensor,
+        scales: torch.Tensor | None,
+        shapes: tuple[tuple[int, int], tuple[int, int]],
+        path: Path,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) of an int4 slot, dequantized to float32: packed bytes and their group scales, checked."""
+        counts = [rows * cols for rows, cols in shapes]
+        groups = [int4_groups(c) for c in counts]
+        if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (sum(groups),):
+            raise SubspaceError(f"int4 basis of slot '{module}' has no ({sum(groups)},) float32 scales", path)
+        try:
+            levels = [unpack_nibbles(t, c) for t, c in zip((U, V), counts, strict=True)]
+        except ValueError as exc:
+            problem = f"int4 basis of slot '{module}' does not match the manifest: {exc}"
+            raise SubspaceError(problem, path) from None
+        parts = (scales[: groups[0]], scales[groups[0] :])
+        U_, V_ = (
+            decode(lv.reshape(shape), part) for lv, shape, part in zip(levels, shapes, parts, strict=True)
+        )
+        return U_, V_
 
     def task_stored(self, name: str) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
         """Per slot the stored core matrices, decoded ([C] dense or [P, Q] factors), and the task's extras
@@ -480,17 +597,19 @@ class StoreFiles:
         if tensors[CORES_KEY].dtype != number_dtype(dtype) or tensors[CORES_KEY].dim() != 1:
             raise SubspaceError(f"'{CORES_KEY}' is not a flat {dtype} tensor", path)
         scales = tensors.get(SCALES_KEY)
-        if (dtype == "int8") != (scales is not None) or (
+        if (dtype in INT_DTYPES) != (scales is not None) or (
             scales is not None and (scales.dtype != torch.float32 or scales.dim() != 1)
         ):
             raise SubspaceError(f"'{SCALES_KEY}' does not fit a {dtype} store", path)
-        packed = PackedCores(tensors[CORES_KEY], scales, slot_layouts(entry, self.manifest["slots"]))
+        packed = PackedCores(tensors[CORES_KEY], scales, slot_layouts(entry, self.manifest["slots"]), dtype)
         try:
             matrices = unpack_cores(packed)
         except (ValueError, IndexError, RuntimeError) as exc:
             raise SubspaceError(f"does not match the manifest: {exc}", path) from None
-        if scales is not None and sum(len(m) for m in matrices.values()) != scales.numel():
-            raise SubspaceError("does not match the manifest: the int8 scales do not add up", path)
+        slots = self.manifest["slots"]
+        matrices = {
+            m: pad_to_basis(mats, slots[m]["k_out"], slots[m]["k_in"]) for m, mats in matrices.items()
+        }
         dtypes = entry["extra_dtypes"]
         held = {key[len(EXTRA_PREFIX) :] for key in tensors if key.startswith(EXTRA_PREFIX)}
         if held != set(dtypes) or set(tensors) - {CORES_KEY, SCALES_KEY} != {EXTRA_PREFIX + k for k in held}:
@@ -581,14 +700,19 @@ class StoreFiles:
     def _stray_kind(self, child: Path) -> str:
         if is_leftover(child):
             return "leftover of an interrupted write, not part of the store (the next add removes it)"
+        if child.parent == self.root and BASIS_NAME.fullmatch(child.name) and not child.is_symlink():
+            return "orphan: a basis the manifest does not name (an interrupted or finished grow leaves one; the next add removes it)"
         if child.parent.name == TASKS_DIR and child.name.endswith(".safetensors") and not child.is_symlink():
             return "orphan: a task file the manifest does not list (an interrupted add leaves one; the next add removes it)"
         return (
             "orphan: not part of the store (a store holds only manifest.json, basis.safetensors and tasks/)"
         )
 
-    def write_task_and_manifest(self, name: str, data: bytes, manifest: dict[str, Any]) -> None:
-        """Add one task: its file first, then the manifest that makes it part of the store.
+    def write_task_and_manifest(
+        self, name: str, data: bytes, manifest: dict[str, Any], basis: bytes | None = None
+    ) -> None:
+        """Add one task: its file first (and a grown basis under the new name the manifest gives), then the
+        manifest that makes them part of the store, then the basis it no longer names is removed.
 
         Holds the store's lock while it writes, refuses a store changed since it was opened (another add or a
         compress --overwrite), and first removes what killed adds left (temporary files, unlisted task files).
@@ -603,15 +727,30 @@ class StoreFiles:
                     manifest_path,
                 )
             self.remove_leftovers()
+            old_basis = basis_file(self.manifest)
+            if basis is not None:
+                atomic_write_bytes(self.path(basis_file(manifest)), basis)
             atomic_write_bytes(target, data)
             data = manifest_bytes(manifest)
             atomic_write_bytes(manifest_path, data)
             self._load_manifest(data)  # exactly what a reopen sees
+            self._basis = None
+            if basis_file(manifest) != old_basis:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(old_basis).unlink()
 
     def remove_leftovers(self) -> None:
         """Remove what killed writers left inside the store: temporary files and staging folders no running
         writer holds, and task files the manifest does not list. Call it holding the store's lock."""
         clean_leftovers(self.root, anywhere=True)
+        for child in self.root.iterdir():
+            if (
+                BASIS_NAME.fullmatch(child.name)
+                and child.name not in self.manifest["files"]
+                and (child.is_symlink() or child.is_file())
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    child.unlink()
         tasks_dir = self.root / TASKS_DIR
         if not tasks_dir.is_dir() or tasks_dir.is_symlink():
             return

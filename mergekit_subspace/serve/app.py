@@ -225,17 +225,41 @@ def create_app(engine: Engine, batcher: Batcher | None = None, limits: Limits | 
             "loop_lag": lag.as_json(),  # how late the event loop ran a 50 ms timer: last, and worst since start
         }
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    def describe(name: str, now: int) -> dict[str, Any]:
+        """An OpenAI model object, plus what this server knows of the task: kind, and a classifier's labels."""
+        served = engine.served
+        entry: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": now,
+            "owned_by": "mergekit-subspace",
+            "root": name,
+        }
+        if name != served.base_name:
+            entry["parent"] = served.base_name
+        entry["kind"] = engine.kind
+        if engine.kind == "classify":
+            untrained = served.untrained_head(name)
+            entry["labels"] = served.labels(name)
+            entry["num_labels"] = served.num_labels(name)
+            entry["head"] = "own" if served.has_own_head(name) else "base"
+            entry["classifiable"] = untrained is None
+        return entry
+
+    async def fresh() -> None:
         if engine.served.changed():
             await batcher.run_exclusive(engine.refresh)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        await fresh()
         now = int(time.time())
-        data = [
-            {"id": name, "object": "model", "created": now, "owned_by": "mergekit-subspace", "root": name}
-            | ({"parent": engine.served.base_name} if i else {})
-            for i, name in enumerate(engine.names)
-        ]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [describe(name, now) for name in engine.names]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        await fresh()
+        return describe(await resolve(model_id), int(time.time()))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> dict[str, Any]:
@@ -325,6 +349,10 @@ def create_app(engine: Engine, batcher: Batcher | None = None, limits: Limits | 
         req = await parse(request, ClassifyRequest)
         need("classify", "/v1/classify")
         task = await resolve(req.model)
+        try:
+            engine.served.check_classifiable(task)
+        except SubspaceError as exc:
+            raise ApiError(400, str(exc), "model") from None
         texts = req.texts()
         check_rows(len(texts))
 
@@ -341,7 +369,10 @@ def create_app(engine: Engine, batcher: Batcher | None = None, limits: Limits | 
         return {
             "object": "list",
             "model": task,
-            "data": [{"index": i, "label": o.label, "scores": o.scores} for i, o in enumerate(outs)],
+            "data": [
+                {"index": i, "label": o.label, "label_id": o.label_id, "scores": o.scores}
+                for i, o in enumerate(outs)
+            ],
             "usage": {
                 "prompt_tokens": sum(len(e) for e in encoded),
                 "total_tokens": sum(len(e) for e in encoded),

@@ -68,12 +68,6 @@ class Generated:
     completion_tokens: int
 
 
-@dataclass
-class Classified:
-    label: int
-    scores: list[float]
-
-
 class Engine:
     """Tokenizing, limits, and batched execution for one served model."""
 
@@ -249,20 +243,16 @@ class Engine:
                 input_ids, attention = _pad(
                     [jobs[j].texts[r] for j, r in chunk], self.tokenizer.pad_token_id, left=False
                 )
-                logits = self.served.forward(
-                    tasks, input_ids=input_ids, attention_mask=attention
-                ).logits.float()
+                answers = self.served.classify(tasks, input_ids=input_ids, attention_mask=attention)
             except Exception as exc:
-                log.exception("classification failed")
+                if not isinstance(exc, SubspaceError):
+                    log.exception("classification failed")
                 for j, _ in chunk:
                     results[j] = exc
                 continue
-            for (j, r), task, row in zip(chunk, tasks, logits, strict=True):
-                if isinstance(results[j], BaseException):
-                    continue
-                width = self.served.num_labels(task) or row.shape[-1]
-                scores = torch.softmax(row[:width], dim=-1)
-                results[j][r] = Classified(int(torch.argmax(scores)), [float(s) for s in scores])
+            for (j, r), answer in zip(chunk, answers, strict=True):
+                if not isinstance(results[j], BaseException):
+                    results[j][r] = answer
         return results
 
 

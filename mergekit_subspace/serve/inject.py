@@ -7,8 +7,9 @@ servable without touching the base weights.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,23 @@ from torch import nn
 
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.peft import PEFT_PREFIX
-from mergekit_subspace.io.store import BASIS, MANIFEST, task_file
+from mergekit_subspace.io.store import MANIFEST, basis_file, task_file
 from mergekit_subspace.serve.layers import PerTaskLinear, SubspaceLinear, TaskRouter, linear_dims
 from mergekit_subspace.subspace import SubspaceStore
 
 BASE_NAME = "base"
+log = logging.getLogger("mergekit_subspace.serve")
+_PLACEHOLDER_LABEL = re.compile(r"^LABEL_\d+$")
 _LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
+
+
+@dataclass
+class Classified:
+    """One row's answer: the class id, its name (LABEL_<id> where the task has none) and every class's score."""
+
+    label_id: int
+    label: str
+    scores: list[float]
 
 
 @dataclass
@@ -81,6 +93,9 @@ class MultiTaskModel:
 
     The routing is state shared by the wrapped layers: run one forward at a time per model (the HTTP server does,
     on its single model thread).
+
+    `untrained_heads` names head modules the base checkpoint lacked (transformers initialised them at random, as
+    it does for a sentence encoder loaded as a classifier): `classify` refuses rows that would use them.
     """
 
     def __init__(
@@ -89,8 +104,11 @@ class MultiTaskModel:
         store: SubspaceStore | str | Path,
         dtype: torch.dtype | None = None,
         base_name: str = BASE_NAME,
+        untrained_heads: Iterable[str] = (),
     ) -> None:
         self.model = model
+        self.untrained_heads = set(untrained_heads)
+        self.task_labels: dict[str, list[str]] = {}
         self.store_path = Path(store.path if isinstance(store, SubspaceStore) else store)
         self.base_name = base_name
         self.dtype = dtype or _compute_dtype(model)
@@ -156,6 +174,63 @@ class MultiTaskModel:
         widths = self.head_out.get(task or self.base_name, {})
         return widths.get(self.logits_head, self.head_out[self.base_name][self.logits_head])
 
+    def has_own_head(self, task: str | None) -> bool:
+        """Whether the task brings its own logits head (else its rows use the base model's)."""
+        if task in (None, self.base_name) or self.logits_head is None:
+            return False
+        cached = self._cache.get(task)
+        return cached is not None and self.logits_head in cached[1].heads
+
+    def labels(self, task: str | None) -> list[str] | None:
+        """The task's label names (index = class id): from its store entry, else the base config's names when
+        the task classifies with the base's own head; None when nothing names them."""
+        if task not in (None, self.base_name) and task in self.task_labels:
+            return self.task_labels[task]
+        if self.has_own_head(task):
+            return None
+        names = [str(v) for _, v in sorted((getattr(self.model.config, "id2label", None) or {}).items())]
+        width = self.num_labels(task)
+        if not names or all(_PLACEHOLDER_LABEL.match(n) for n in names) or (width and len(names) != width):
+            return None
+        return names
+
+    def untrained_head(self, task: str | None) -> str | None:
+        """The randomly initialised head a task's rows would classify with, or None when its head is real."""
+        if self.logits_head is None or self.has_own_head(task):
+            return None
+        return self.logits_head if self.logits_head in self.untrained_heads else None
+
+    def check_classifiable(self, task: str | None) -> None:
+        """Refuse a task whose answer would come from a head the base checkpoint never had (random weights)."""
+        head = self.untrained_head(task)
+        if head is not None:
+            shown = self.base_name if task is None else task
+            raise SubspaceError(
+                f"'{shown}' has no classification head of its own and the base model's '{head}' was not in its "
+                "checkpoint (randomly initialised): its answers would mean nothing; classify with a task that "
+                f"has a head (known: {', '.join(self.tasks) or 'none'})",
+                self.store_path,
+            )
+
+    def classify(self, tasks: Sequence[str | None], **inputs: Any) -> list[Classified]:
+        """One forward for a batch mixing tasks; each row's softmax over its own task's labels, with names.
+
+        Rows whose task would use a randomly initialised head are refused (SubspaceError) before any work.
+        """
+        for task in dict.fromkeys(tasks):
+            self.check_classifiable(task)
+        logits = self.forward(tasks, **inputs).logits.float()
+        rows = []
+        for task, row in zip(tasks, logits, strict=True):
+            width = self.num_labels(task) or row.shape[-1]
+            scores = torch.softmax(row[:width], dim=-1)
+            best = int(torch.argmax(scores))
+            names = self.labels(task)
+            rows.append(
+                Classified(best, names[best] if names else f"LABEL_{best}", [float(x) for x in scores])
+            )
+        return rows
+
     @property
     def _lookup(self) -> dict[str | None, int]:
         table: dict[str | None, int] = {None: 0, self.base_name: 0}
@@ -180,8 +255,9 @@ class MultiTaskModel:
         try:
             store = SubspaceStore(self.store_path)
             self._check_base(store)
-            basis_sha = store.manifest["files"].get(BASIS)
+            basis_sha = store.manifest["files"].get(basis_file(store.manifest))
             cache = self._read_tasks(store, keep=basis_sha == self._basis_sha)
+            labels = _label_lists(store)
         except Exception:
             self._stamp = stamp
             raise
@@ -191,6 +267,19 @@ class MultiTaskModel:
         self._cache, self.tasks = cache, list(store.tasks)
         self._load_slots(store, reload_basis=basis_sha != self._basis_sha)
         self._load_heads()
+        # Names that do not fit the head they classify with would mislabel every answer: left out, said once.
+        self.task_labels = {}
+        for name, names in labels.items():
+            width = self.num_labels(name)
+            if width is not None and len(names) != width:
+                log.warning(
+                    "task '%s' names %d labels but its head has %d outputs; serving ids",
+                    name,
+                    len(names),
+                    width,
+                )
+            else:
+                self.task_labels[name] = names
         self._basis_sha, self._stamp = basis_sha, stamp
         return new
 
@@ -330,6 +419,19 @@ class MultiTaskModel:
             if h.weights is not None and h.stacked_biases is not None
         )
         return {"basis": basis, "cores": cores, "heads": heads}
+
+
+def _label_lists(store: SubspaceStore) -> dict[str, list[str]]:
+    """Each task's label names as its manifest entry keeps them (compress reads them from id2label)."""
+    found: dict[str, list[str]] = {}
+    for name, entry in store.manifest["tasks"].items():
+        names = entry.get("labels")
+        if names is None:
+            continue
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise SubspaceError(f"task '{name}': labels must be a non-empty list of names", store.path)
+        found[name] = names
+    return found
 
 
 def _stamp(store_path: Path) -> tuple[int, int]:

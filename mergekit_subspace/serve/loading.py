@@ -71,6 +71,17 @@ def load_base(
     skip: list[str] | None = None,
 ) -> torch.nn.Module:
     """The base model in eval mode; heads (and `skip`) are kept out of quantization."""
+    return load_base_with_missing(base, kind, quantize, dtype, skip)[0]
+
+
+def load_base_with_missing(
+    base: str | Path,
+    kind: Kind,
+    quantize: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    skip: list[str] | None = None,
+) -> tuple[torch.nn.Module, set[str]]:
+    """The base model, and the modules whose weights its checkpoint lacked (initialised at random)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -81,7 +92,9 @@ def load_base(
     config = quantization_config(quantize, skip or HEAD_MODULES, dtype)
     if config is not None:
         kwargs.update(quantization_config=config, device_map="cpu")
-    return auto.from_pretrained(str(base), **kwargs).eval()
+    model, info = auto.from_pretrained(str(base), output_loading_info=True, **kwargs)
+    missing = {key.rpartition(".")[0] for key in info.get("missing_keys", ())}
+    return model.eval(), missing
 
 
 def load_tokenizer(path: str | Path, kind: Kind) -> Any:
@@ -107,5 +120,8 @@ def load_served(
     """Base model with every task of the store attached, plus whether it generates or classifies."""
     opened = SubspaceStore(store)
     kind = store_kind(opened, base)
-    model = load_base(base, kind, quantize=quantize, dtype=dtype, skip=_head_modules(opened))
-    return MultiTaskModel(model, opened, dtype=dtype, base_name=base_name), kind
+    model, missing = load_base_with_missing(
+        base, kind, quantize=quantize, dtype=dtype, skip=_head_modules(opened)
+    )
+    served = MultiTaskModel(model, opened, dtype=dtype, base_name=base_name, untrained_heads=missing)
+    return served, kind

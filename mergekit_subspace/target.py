@@ -1,0 +1,357 @@
+"""Stores sized by a target (`subspace: {target: ...}`): a ratio, a size in bytes, or a mean relative error.
+
+Each slot is fit once at its largest size; that fit gives the captured energy of every prefix of its
+directions (the curves `budget.allocate` spends bytes on) and, encoding the slot's bases and cores in each
+candidate dtype, the quantization error that dtype adds (measured on this zoo, as the store would write it).
+The predicted mean relative error of a store is then sqrt(sum_s [(T_s - G_s) + q_s^2 G_s] / sum_s T_s), with
+T_s a slot's weighted energy, G_s what its chosen k captures and q_s the dtype's measured relative error.
+
+- ratio / bytes: per dtype, the byte budget left after heads, headers and the manifest is spent by
+  `allocate`; the dtype with the lowest predicted error wins.
+- max_rel_error: per dtype, the smallest budget whose allocation is predicted to meet it (bisection on
+  `allocate`); the dtype giving the fewest bytes wins.
+
+The store is then written and measured; when its bytes on disk or its measured mean error miss the target
+(the overhead and the error are predictions), the budget is corrected by what was missed and the store
+written again (at most MAX_TRIES times).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergekit_subspace import parallel
+from mergekit_subspace.budget import SlotCurve, allocate, core_numbers, slot_curve
+from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.fit import SlotDeltas, SubspaceBasis
+from mergekit_subspace.io.codec import INT_DTYPES, ITEM_BYTES, encode_core, extra_bytes
+from mergekit_subspace.lowrank import SlotProjector
+from mergekit_subspace.recipe import SubspaceSettings
+from mergekit_subspace.sources import TaskSource, slot_shapes
+
+if TYPE_CHECKING:
+    from mergekit_subspace.io.checkpoint import Checkpoint
+    from mergekit_subspace.subspace import SubspaceStore
+
+CANDIDATES = ("float16", "int8", "int4")
+MAX_TRIES = 4
+Sizes = dict[str, tuple[int, int]]
+
+
+@dataclass
+class SlotProfile:
+    """One slot's curve (gains and costs per step), its weighted energy, and each dtype's measured q^2."""
+
+    curve: SlotCurve
+    total: float
+    quant_sq: dict[str, float]
+
+
+def candidates(settings: SubspaceSettings) -> tuple[str, ...]:
+    """The dtypes a target may choose: the recipe's own when it names one, else float16 / int8 / int4."""
+    return (settings.dtype,) if "dtype" in settings.model_fields_set else CANDIDATES
+
+
+def overhead_bytes(tasks: list[TaskSource], dtype: str) -> int:
+    """Bytes a store holds beside its basis and core numbers: heads, scales of int stores, the safetensors
+    headers and the manifest (an estimate; the written store is measured and the budget corrected)."""
+    heads = sum(extra_bytes(x, dtype) for t in tasks for x in t.extras.values())
+    slots = {m for t in tasks for m in t.shapes}
+    task_slots = sum(len(t.shapes) for t in tasks)
+    scales = 8 * (len(slots) + task_slots) if dtype in INT_DTYPES else 0
+    headers = 150 * (len(tasks) + 1) + 100 * len(slots) + 70 * sum(len(t.extras) for t in tasks)
+    ranks: dict[str, int] = {}
+    for t in tasks:
+        for module in t.shapes:
+            ranks[module] = ranks.get(module, 0) + t.ranks[module]
+    configs = {json.dumps(t.peft_config, sort_keys=True, default=str) for t in tasks}
+    manifest = (
+        1500  # format, base model, settings with this target's record
+        + sum(200 + 8 * min(64, r) for r in ranks.values())  # slot entries with their spectra
+        + sum(600 + len(str(t.source)) + 45 * len(t.shapes) + 60 * len(t.extras) for t in tasks)
+        + sum(len(c) + 20 for c in configs)
+    )
+    return heads + scales + headers + manifest
+
+
+def smallest_numbers(tasks: list[TaskSource], base: Checkpoint | None = None) -> int:
+    """Numbers of the smallest store (k = 1 in every slot), from shapes and ranks alone."""
+    total = 0
+    for module, (m, n) in slot_shapes(tasks, base).items():
+        total += m + n + sum(core_numbers(1, 1, t.ranks[module]) for t in tasks if module in t.shapes)
+    return total
+
+
+def target_bytes(tasks: list[TaskSource], settings: SubspaceSettings) -> int | None:
+    """The bytes on disk a ratio or bytes target allows (None for an error target)."""
+    target = settings.target
+    assert target is not None
+    if target.bytes is not None:
+        return target.bytes
+    if target.ratio is not None:
+        return int(sum(t.source_bytes for t in tasks) / target.ratio)
+    return None
+
+
+class TargetError(SubspaceError):
+    """A target no store can meet: a problem of the recipe that states it (see `naming`)."""
+
+
+@contextlib.contextmanager
+def naming(recipe: str | Path | None) -> Iterator[None]:
+    """Name the recipe in a TargetError raised inside (the fit that finds it does not know the file)."""
+    try:
+        yield
+    except TargetError as exc:
+        if exc.path is not None or recipe is None:
+            raise
+        raise TargetError(exc.problem, recipe) from None
+
+
+def check_target(tasks: list[TaskSource], settings: SubspaceSettings, base: Checkpoint | None) -> None:
+    """Refuse, before any fit, a ratio or bytes target below the smallest store any allowed dtype makes."""
+    if settings.target is None:
+        return
+    allowed = target_bytes(tasks, settings)
+    if allowed is None:
+        return
+    numbers = smallest_numbers(tasks, base)
+    need = min(int(numbers * ITEM_BYTES[d]) + overhead_bytes(tasks, d) for d in candidates(settings))
+    if need > allowed:
+        target = settings.target
+        assert target is not None
+        asked = f"ratio {target.ratio:g}" if target.ratio is not None else f"bytes {allowed:,}"
+        raise TargetError(
+            f"subspace.target {asked} cannot be met: the store is {allowed:,} bytes at most, the smallest "
+            f"possible (k = 1 in every slot) needs about {need:,}"
+        )
+
+
+def profile_slots(
+    tasks: list[TaskSource], settings: SubspaceSettings, base: Checkpoint | None, device: str, progress: bool
+) -> dict[str, SlotProfile]:
+    """Each slot fit at its largest size: its curve, weighted energy and every candidate's measured q^2."""
+    fitter = SubspaceBasis(settings, device=device)
+    shapes = slot_shapes(tasks, base)
+    costs = {m: sum(sum(t.ranks[m] for t in tasks if m in t.shapes) * s for s in shapes[m]) for m in shapes}
+    dtypes = candidates(settings)
+    cap = settings.k or 1
+
+    def profile(module: str) -> SlotProfile:
+        slot = SlotDeltas(module, tasks, fitter.slot_memory, fitter.device)
+        total_rank = sum(slot.ranks)
+        cap_out = min(slot.shape[0], total_rank, cap)
+        cap_in = min(slot.shape[1], total_rank, settings.k_in if settings.k_in is not None else cap)
+        fit = fitter._fit_slot(slot, (cap_out, cap_in), refine=0)
+        curve = slot_curve(
+            fit.capture, fit.total_energy, slot.shape, slot.ranks, cap_out, cap_in, settings.k_in
+        )
+        captured = fit.total_energy * fit.capture(cap_out, cap_in)
+        quant = {d: _quant_sq(module, slot, fit.basis.U, fit.basis.V, d, settings.normalize) for d in dtypes}
+        truncated = fit.total_energy - captured
+        return SlotProfile(
+            curve,
+            fit.total_energy,
+            {d: 0.0 if captured <= 0 else max(0.0, err - truncated) / captured for d, err in quant.items()},
+        )
+
+    return parallel.map_shared(
+        parallel.current(device), sorted(shapes), costs, profile, "size slots", progress, everywhere=True
+    )
+
+
+def _quant_sq(module: str, slot: SlotDeltas, U: Any, V: Any, dtype: str, normalize: bool) -> float:
+    """Weighted squared error of the slot's tasks stored in `dtype` at the fit's size (bases and cores)."""
+    from mergekit_subspace.io.store import basis_tensors
+
+    _, readback = basis_tensors({module: (U.cpu(), V.cpu())}, dtype)
+    bases = SlotProjector(*(t.to(U.device) for t in readback[module]))
+    total = 0.0
+    for delta in slot():
+        norm_sq = delta.norm_sq()
+        projected = bases.project(delta)
+        _, stored = encode_core(module, projected.cpu(), delta.rank, dtype)
+        weight_sq = (0.0 if norm_sq == 0 else 1.0 / norm_sq) if normalize else 1.0
+        total += weight_sq * bases.error_sq(norm_sq, projected, stored.to(projected.device))
+    return total
+
+
+def predicted_error(profiles: dict[str, SlotProfile], sizes: Sizes, dtype: str) -> float:
+    """Predicted mean relative error of a store of `sizes` in `dtype` (see the module docstring)."""
+    err = total = 0.0
+    for module, prof in profiles.items():
+        gain = prof.curve.gains[prof.curve.sizes.index(sizes[module])]
+        err += (prof.total - gain) + prof.quant_sq[dtype] * gain
+        total += prof.total
+    return 0.0 if total <= 0 else math.sqrt(max(err, 0.0) / total)
+
+
+def _numbers(profiles: dict[str, SlotProfile], sizes: Sizes) -> int:
+    return sum(p.curve.costs[p.curve.sizes.index(sizes[m])] for m, p in profiles.items())
+
+
+def _for_bytes(profiles: dict[str, SlotProfile], payload: float, dtype: str) -> Sizes | None:
+    try:
+        return allocate({m: p.curve for m, p in profiles.items()}, int(payload / ITEM_BYTES[dtype]))
+    except ValueError:
+        return None
+
+
+def _for_error(profiles: dict[str, SlotProfile], goal: float, dtype: str) -> Sizes | None:
+    """The smallest allocation (bisection on its budget) predicted to meet `goal`; None when none does."""
+    curves = {m: p.curve for m, p in profiles.items()}
+    low = sum(c.costs[0] for c in curves.values())
+    high = sum(c.costs[-1] for c in curves.values())
+    if predicted_error(profiles, allocate(curves, high), dtype) > goal:
+        return None
+    while high - low > max(1, low // 200):
+        mid = (low + high) // 2
+        if predicted_error(profiles, allocate(curves, mid), dtype) <= goal:
+            high = mid
+        else:
+            low = mid
+    return allocate(curves, high)
+
+
+def choose(
+    profiles: dict[str, SlotProfile],
+    settings: SubspaceSettings,
+    overhead: dict[str, int],
+    allowed: int | None,
+    goal: float | None,
+) -> tuple[str, Sizes, dict[str, Any]]:
+    """(dtype, sizes, record) for a target, from the profiles; raises SubspaceError when none meets it."""
+    target = settings.target
+    assert target is not None
+    options: dict[str, tuple[Sizes, float, int]] = {}
+    for dtype in candidates(settings):
+        if allowed is not None:
+            sizes = _for_bytes(profiles, allowed - overhead[dtype], dtype)
+        else:
+            assert goal is not None
+            sizes = _for_error(profiles, goal, dtype)
+        if sizes is not None:
+            numbers = _numbers(profiles, sizes)
+            options[dtype] = (
+                sizes,
+                predicted_error(profiles, sizes, dtype),
+                int(numbers * ITEM_BYTES[dtype]),
+            )
+    if not options:
+        if allowed is not None:
+            raise TargetError(
+                f"subspace.target cannot be met: {allowed:,} bytes do not hold the smallest store (k = 1 in "
+                "every slot) beside the heads and the manifest"
+            )
+        best = min(
+            predicted_error(profiles, allocate({m: p.curve for m, p in profiles.items()}, 1 << 62), d)
+            for d in candidates(settings)
+        )
+        raise TargetError(
+            f"subspace.target max_rel_error {target.max_rel_error:g} cannot be met: the widest store "
+            f"(k up to {settings.k}) is predicted to reach {best:.4g}"
+        )
+    if allowed is not None:
+        dtype = min(options, key=lambda d: (options[d][1], CANDIDATES.index(d) if d in CANDIDATES else 0))
+    else:
+        dtype = min(options, key=lambda d: (options[d][2] + overhead[d], options[d][1]))
+    sizes, error, payload = options[dtype]
+    record = {
+        "dtype": dtype,
+        "why": "lowest predicted mean rel. error at the byte budget"
+        if allowed is not None
+        else "fewest bytes predicted to meet the error",
+        "predicted_rel_error": round(error, 6),
+        "payload_bytes": payload,
+        "k_out": [min(s[0] for s in sizes.values()), max(s[0] for s in sizes.values())],
+        "k_in": [min(s[1] for s in sizes.values()), max(s[1] for s in sizes.values())],
+        "candidates": {
+            d: {"predicted_rel_error": round(e, 6), "payload_bytes": b} for d, (_, e, b) in options.items()
+        },
+    }
+    return dtype, sizes, record
+
+
+def mean_rel_error(store: SubspaceStore) -> float:
+    entries = store.manifest["tasks"].values()
+    return sum(float(e["rel_error"]) for e in entries) / max(len(entries), 1)
+
+
+def compress_to_target(
+    cls: type[SubspaceStore],
+    tasks: list[TaskSource],
+    settings: SubspaceSettings,
+    out: str | Path,
+    base: Checkpoint | None,
+    overwrite: bool,
+    progress: bool,
+    device: str,
+    **options: Any,
+) -> SubspaceStore:
+    """Resolve the target to a dtype and k per slot, write the store, measure it, correct and rewrite while
+    it misses (see the module docstring)."""
+    target = settings.target
+    assert target is not None
+    target = target.model_copy(update={"chosen": None})
+    settings = settings.model_copy(update={"target": target})
+    check_target(tasks, settings, base)
+    allowed = target_bytes(tasks, settings)
+    goal = target.max_rel_error
+    profiles = profile_slots(tasks, settings, base, device, progress)
+    overhead = {d: overhead_bytes(tasks, d) for d in candidates(settings)}
+    store = None
+    for attempt in range(MAX_TRIES):
+        dtype, sizes, record = choose(profiles, settings, overhead, allowed, goal)
+        record["tries"] = attempt + 1
+        chosen = settings.model_copy(
+            update={"dtype": dtype, "target": target.model_copy(update={"chosen": record})}
+        )
+        store = cls.from_tasks(
+            tasks,
+            chosen,
+            out,
+            base=base,
+            overwrite=overwrite or attempt > 0,
+            progress=progress,
+            device=device,
+            sizes=sizes,
+            **options,
+        )
+        if allowed is not None:
+            written = store.files.bytes_on_disk()
+            if written <= allowed:
+                return store
+            overhead[dtype] += written - allowed + max(64, (written - allowed) // 10)
+        else:
+            assert goal is not None
+            measured = mean_rel_error(store)
+            if measured <= target.max_rel_error:  # type: ignore[operator]
+                return store
+            goal *= 0.97 * target.max_rel_error / measured  # type: ignore[operator]
+    assert store is not None
+    return store
+
+
+def describe(store: SubspaceStore) -> str | None:
+    """One line on what a target chose, for compress to print (None for a store without a target)."""
+    target = store.manifest["settings"].get("target")
+    if not target or not target.get("chosen"):
+        return None
+    chosen = target["chosen"]
+    asked = ", ".join(f"{k} {v:g}" for k, v in target.items() if k != "chosen")
+    others = ", ".join(
+        f"{d} {c['predicted_rel_error']:.3g}" for d, c in chosen["candidates"].items() if d != chosen["dtype"]
+    )
+    info = store.info()
+    return (
+        f"target {asked}: chose {chosen['dtype']} ({chosen['why']}), k_out {chosen['k_out'][0]}-"
+        f"{chosen['k_out'][1]} per slot, predicted mean rel. error {chosen['predicted_rel_error']:.3g}"
+        + (f" (others: {others})" if others else "")
+        + f"; measured {mean_rel_error(store):.3g}, ratio {info['ratio']:.1f}x, {info['bytes']['store']:,} bytes"
+    )
