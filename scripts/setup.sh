@@ -4,10 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# WordNet glosses feed the real text zoo; Fashion-MNIST feeds the scale zoo.
+# WordNet glosses feed the real text zoo; Fashion-MNIST feeds the scale zoo; man pages and the package
+# lists (Debian package descriptions, read by `apt-cache dumpavail`) feed the mixed zoo.
 need=()
 [ -f /usr/share/wordnet/data.noun ] || need+=(wordnet-base)
 dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need+=(dataset-fashion-mnist)
+dpkg -s manpages >/dev/null 2>&1 || need+=(manpages)
+dpkg -s manpages-dev >/dev/null 2>&1 || need+=(manpages-dev)
+ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || need+=(apt)  # forces the apt-get update below
 if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null \
     || echo "warning: could not apt-get install ${need[*]}; tests that need them will skip" >&2
