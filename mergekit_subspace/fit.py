@@ -285,15 +285,7 @@ class SubspaceBasis:
 
         def curve(module: str) -> SlotCurve:
             slot = SlotDeltas(module, tasks, self.slot_memory, self.device)
-            total_rank = sum(slot.ranks)
-            cap_out = min(slot.shape[0], total_rank, settings.k)
-            cap_in = min(
-                slot.shape[1], total_rank, settings.k_in if settings.k_in is not None else settings.k
-            )
-            fit = self._fit_slot(slot, (cap_out, cap_in), refine=0)
-            return slot_curve(
-                fit.capture, fit.total_energy, slot.shape, slot.ranks, cap_out, cap_in, settings.k_in
-            )
+            return self.fit_largest(slot, settings.k)[1]
 
         curves = parallel.map_shared(
             ranks, modules, costs, curve, "size slots", self.progress, everywhere=True
@@ -304,6 +296,18 @@ class SubspaceBasis:
             raise SubspaceError(
                 f"subspace.budget_bytes = {settings.budget_bytes:,} is too small: {exc}"
             ) from None
+
+    def fit_largest(self, slot: SlotDeltas, k_cap: int) -> tuple[SlotFit, SlotCurve, tuple[int, int]]:
+        """One fit of a slot at the largest size any allocation may give it (k_cap, or k_in on the right),
+        and the captured-energy curve over every smaller (k_out, k_in): what byte budgets and targets
+        spend bytes by."""
+        total_rank = sum(slot.ranks)
+        k_in = self.settings.k_in
+        cap_out = min(slot.shape[0], total_rank, k_cap)
+        cap_in = min(slot.shape[1], total_rank, k_in if k_in is not None else k_cap)
+        fit = self._fit_slot(slot, (cap_out, cap_in), refine=0)
+        curve = slot_curve(fit.capture, fit.total_energy, slot.shape, slot.ranks, cap_out, cap_in, k_in)
+        return fit, curve, (cap_out, cap_in)
 
     def _fit_slot(self, slot: SlotDeltas, size: tuple[int, int] | None, refine: int) -> SlotFit:
         s = self.settings

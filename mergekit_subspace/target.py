@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergekit_subspace import parallel
-from mergekit_subspace.budget import SlotCurve, allocate, core_numbers, slot_curve
+from mergekit_subspace.budget import SlotCurve, allocate, core_numbers
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis
 from mergekit_subspace.io.codec import INT_DTYPES, ITEM_BYTES, encode_core, extra_bytes
@@ -145,13 +145,7 @@ def profile_slots(
 
     def profile(module: str) -> SlotProfile:
         slot = SlotDeltas(module, tasks, fitter.slot_memory, fitter.device)
-        total_rank = sum(slot.ranks)
-        cap_out = min(slot.shape[0], total_rank, cap)
-        cap_in = min(slot.shape[1], total_rank, settings.k_in if settings.k_in is not None else cap)
-        fit = fitter._fit_slot(slot, (cap_out, cap_in), refine=0)
-        curve = slot_curve(
-            fit.capture, fit.total_energy, slot.shape, slot.ranks, cap_out, cap_in, settings.k_in
-        )
+        fit, curve, (cap_out, cap_in) = fitter.fit_largest(slot, cap)
         captured = fit.total_energy * fit.capture(cap_out, cap_in)
         quant = {d: _quant_sq(module, slot, fit.basis.U, fit.basis.V, d, settings.normalize) for d in dtypes}
         truncated = fit.total_energy - captured
