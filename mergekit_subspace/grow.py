@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.lowrank import COMPUTE_DTYPE, LowRankDelta
 
 POLICIES = ("auto", "project", "grow")
@@ -113,15 +114,8 @@ def plan_growth(
     return chosen
 
 
-def grown_bases(growth: SlotGrowth, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The columns to append to U and V: the first a and b candidate directions."""
-    return growth.X[:, :a], growth.Y[:, :b]
-
-
 def check_policy(policy: str, max_rel_error: float) -> None:
     """Refuse a policy or guard that cannot be met, before anything is read."""
-    from mergekit_subspace.errors import SubspaceError
-
     if policy not in POLICIES:
         raise SubspaceError(f"policy must be one of {', '.join(POLICIES)}, not '{policy}'")
     if not max_rel_error > 0:  # NaN fails this too; inf means no guard

@@ -50,7 +50,8 @@ class StoredSlots(Mapping[str, LowRankDelta]):
 
 
 class StoredExtras(Mapping[str, torch.Tensor]):
-    """A stored task's heads and biases, read when the new store writes the task."""
+    """A stored task's heads and biases, read from its file when the new store writes it and not kept
+    (a zoo's heads are never all in memory at once)."""
 
     def __init__(self, store: SubspaceStore, name: str) -> None:
         self.store, self.name = store, name

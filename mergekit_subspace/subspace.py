@@ -24,7 +24,6 @@ from mergekit_subspace.grow import (
     GROW_MARGIN,
     SlotGrowth,
     check_policy,
-    grown_bases,
     plan_growth,
     slot_growth,
 )
@@ -568,7 +567,7 @@ class SubspaceStore:
         stored = dict(self.files.basis_tensors())
         new_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, (a, b) in sorted(grown.items()):
-            X, Y = grown_bases(growths[module], a, b)
+            X, Y = growths[module].X[:, :a], growths[module].Y[:, :b]
             stored, readback = append_basis_columns(stored, module, X, Y, dtype, self.files.root)
             new_bases[module] = readback
 
