@@ -22,7 +22,7 @@ A run that fails (non-zero exit, timeout) is recorded with its error and the ben
 repeats; ratios compress / read floor (warm, cold), speedup of P processes over 1, peak RSS relative to the
 smallest N, and a byte-identity check (sha256 of every store file, 1 process against P). Results go to
 OUT/results.json (rewritten after every N), OUT/report.md and OUT/scale.png; logs of every child stay in the
-ignored OUT/work/logs/.
+git-ignored folder `work/logs` under OUT.
 """
 
 from __future__ import annotations
@@ -245,6 +245,13 @@ def measure_read_floor(
 # ------------------------------------------------------------------------------------ measured compress
 
 
+def shown_command(cmd: list[str]) -> str:
+    """A child's command as results record it: programs by name, not by this machine's install path."""
+    return " ".join(
+        Path(part).name if Path(part).is_absolute() and Path(part).is_file() else part for part in cmd
+    )
+
+
 def compress_command(recipe: Path, procs: int) -> list[str]:
     """`mergekit-subspace compress RECIPE --overwrite`, under torchrun when procs > 1."""
     if procs == 1:
@@ -431,7 +438,7 @@ def measure_n(
     compress = {
         str(p): {
             **summarize_mode(runs[p], hashes[p]),
-            "command": " ".join(compress_command(recipes[p], p)),
+            "command": shown_command(compress_command(recipes[p], p)),
             "runs": runs[p],
         }
         for p in args.procs
@@ -545,7 +552,7 @@ def startup_baseline(work: Path, procs: int, repeats: int) -> dict[str, Any]:
     cmd = [sys.executable, str(script)] if procs == 1 else [*torchrun_head(procs), str(script)]
     runs = [run_measured(cmd, work / "logs", f"startup-p{procs}-r{i}", 600) for i in range(repeats)]
     ok = [r for r in runs if r.get("ok")]
-    summary: dict[str, Any] = {"ok": bool(ok), "command": " ".join(cmd), "runs": runs}
+    summary: dict[str, Any] = {"ok": bool(ok), "command": shown_command(cmd), "runs": runs}
     if ok:
         summary.update(
             wall_s=_median(ok, "wall_s"),

@@ -13,7 +13,7 @@ Every request has a timeout and the whole run a deadline (--max-seconds); the se
 Writes benchmarks/results/serve-load/{results.json,report.md,command.txt}.
 
 Run from the repository root:  python -m benchmarks.serve_load            (about 1-2 min on 2 cores)
-                               python -m benchmarks.serve_load --requests 200 --out /tmp/x   (a smoke run)
+                               python -m benchmarks.serve_load --requests 200 --out smoke-out   (a smoke run)
 """
 
 from __future__ import annotations
