@@ -145,24 +145,29 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mergekit_subspace.bench.plotting import integer_ticks, legend_outside, save, short_names, slot_band
+
     written = []
     zoo, slots = results["zoo"], results["slots"]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for record in slots.values():
-        ax.plot(range(1, len(record["capture"]) + 1), record["capture"], color="tab:blue", alpha=0.15, lw=1)
-    curve = zoo["scree_mean"]
-    ax.plot(range(1, len(curve) + 1), curve, color="tab:blue", lw=2, label="zoo (mean over slots)")
-    for kind, color in (("spectrum", "tab:orange"), ("gaussian", "tab:grey")):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    slot_band(
+        ax,
+        {module: record["capture"] for module, record in slots.items()},
+        pick_labels=("fastest to capture", "median slot", "slowest to capture"),
+        pad_last=True,
+    )
+    for kind, color, style in (("spectrum", "tab:orange", "--"), ("gaussian", "tab:gray", ":")):
         null = zoo["nulls"][kind]["scree_mean"]
-        ax.plot(range(1, len(null) + 1), null, color=color, lw=2, ls="--", label=f"{kind} null (mean)")
+        ax.plot(
+            range(1, len(null) + 1), null, color=color, lw=2, ls=style, label=f"{kind} null (mean over slots)"
+        )
     ax.set(xlabel="k (directions per side)", ylabel="captured energy (two-sided, normalized)", ylim=(0, 1.02))
     ax.set_title(f"Scree: zoo vs rank- and norm-matched nulls ({len(slots)} slots)")
+    integer_ticks(ax.xaxis)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "scree.png", dpi=110)
-    plt.close(fig)
+    legend_outside(ax)
+    save(fig, folder / "scree.png")
     written.append("scree.png")
 
     names = results["source"]["tasks"]
@@ -173,36 +178,41 @@ def plots(results: dict[str, Any], folder: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(min(14, 3 + 0.3 * len(modules)), min(12, 2 + 0.25 * len(names))))
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(names)), names, fontsize=6 if len(names) > 30 else 8)
-    ax.set_xticks(range(len(modules)), [str(i) for i in range(len(modules))], fontsize=6)
-    ax.set(
-        xlabel="slot (index into sorted slot names)",
-        title="Share of each slot's top directions owned by each task",
-    )
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(folder / "leverage.png", dpi=110)
-    plt.close(fig)
+    if len(modules) <= 40:  # few enough slots to name each
+        short = short_names(modules)
+        ax.set_xticks(range(len(modules)), [short[m] for m in modules], rotation=90, fontsize=6)
+        ax.set_xlabel("slot")
+    else:
+        integer_ticks(ax.xaxis)
+        ax.set_xlabel("slot (index into sorted slot names)")
+    ax.set_title(f"Share of each slot's top-{results['options']['leverage_k']} directions owned by each task")
+    fig.colorbar(image, ax=ax, label="share of the top directions' energy (blank: not in slot)")
+    save(fig, folder / "leverage.png")
     written.append("leverage.png")
 
     if "base" in zoo:
         per_layer = zoo["base"]["per_layer"]
         layers = list(per_layer)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key, style in (("left_on", "o-"), ("right_on", "s-"), ("on_on", "^-")):
-            ax.plot(layers, [per_layer[name][key] for name in layers], style, label=f"{key} (zoo)")
         chance = zoo["base"]["chance"]
-        for key, style in (("left_on", ":"), ("right_on", "--"), ("on_on", "-.")):
-            ax.axhline(chance[key], color="grey", ls=style, lw=1, label=f"{key} chance")
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for key, color, marker, meaning in (
+            ("left_on", "tab:blue", "o", "left (output) side"),
+            ("right_on", "tab:orange", "s", "right (input) side"),
+            ("on_on", "tab:green", "^", "both sides"),
+        ):
+            values = [per_layer[name][key] for name in layers]
+            ax.plot(layers, values, color=color, marker=marker, label=f"{meaning}: zoo")
+            ax.axhline(
+                chance[key], color=color, ls=":", lw=1.2, label=f"{meaning}: chance ({chance[key]:.3f})"
+            )
         highest = max(
             [per_layer[name][key] or 0.0 for name in layers for key in ("left_on", "right_on")] + [0.05]
         )
         ax.set(xlabel="layer", ylabel="share of update energy", ylim=(0, min(1.02, 1.3 * highest)))
         ax.set_title(f"Update energy on the base's top-{results['options']['base_k']} principal directions")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "principal.png", dpi=110)
-        plt.close(fig)
+        legend_outside(ax)
+        save(fig, folder / "principal.png")
         written.append("principal.png")
     return written
 

@@ -109,8 +109,10 @@ def fit_slot_basis(
     normalize: bool = True,
     refine: int = 0,
     k_in: int | None = None,
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SlotBasis:
-    """Fit U, V for one slot from the tasks that touch it; `k_in` (default: k) sizes the right basis alone."""
+    """Fit U, V for one slot from the tasks that touch it; `k_in` (default: k) sizes the right basis alone.
+    `prior` holds columns appended to the left and right stacks (another store's scaled bases, transfer.py)."""
     if (k is None) == (energy is None):
         raise ValueError("give exactly one of k and energy")
     if k_in is not None and k is None:
@@ -121,6 +123,8 @@ def fit_slot_basis(
     m, n = deltas[0].shape
     Y = torch.cat([w * d.left_gram_factor() for w, d in zip(weights, deltas, strict=True)], dim=1)
     Z = torch.cat([w * d.right_gram_factor() for w, d in zip(weights, deltas, strict=True)], dim=1)
+    if prior is not None:
+        Y, Z = torch.cat([Y, prior[0].to(Y)], dim=1), torch.cat([Z, prior[1].to(Z)], dim=1)
     U_all, spec_out = _top_left_singular(Y)
     V_all, spec_in = _top_left_singular(Z)
     total_rank = sum(d.rank for d in deltas)

@@ -86,6 +86,16 @@ def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, 
         chosen = describe(store)  # what a `subspace.target` picked, in one line
         if chosen:
             click.echo(chosen)
+        from mergekit_subspace.clusters import describe as clusters_line
+
+        found = clusters_line(store)  # how `subspace.clusters` split the zoo
+        if found:
+            click.echo(found)
+        from mergekit_subspace.transfer import describe as transfer_line
+
+        weights = transfer_line(store.manifest)  # the weights a `subspace.transfer_from` fit used
+        if weights:
+            click.echo(weights)
         dropped = [name for name in added if name not in store.tasks]
         if dropped:
             click.echo(
@@ -257,10 +267,12 @@ def _register_feature_commands() -> None:
     from mergekit_subspace.manage_command import COMMANDS as manage_commands
     from mergekit_subspace.merge.command import merge
     from mergekit_subspace.serve.command import serve
+    from mergekit_subspace.train.command import train
 
     main.add_command(merge)
     main.add_command(analyze)
     main.add_command(serve)
+    main.add_command(train)
     for command in manage_commands:  # list, rm, rename, add-many, reconstruct-all, export
         main.add_command(command)
 

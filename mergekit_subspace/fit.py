@@ -12,12 +12,14 @@ the ranks (`parallel.py`) and the fitted attributes are set on rank 0.
 
 Fitted attributes (trailing underscore, as scikit-learn): `bases_` {slot: (U, V)}, `k_` {slot: (k_out,
 k_in)}, `captured_energy_`, `spectrum_` (squared singular values of the weighted stacked factors, leading
-ones), `total_energy_`, `members_` (task names per slot), `shapes_`, `capped_`, `solver_`.
+ones), `total_energy_`, `members_` (task names per slot), `shapes_`, `capped_`, `solver_`,
+`transfer_weights_` (the prior's weight in each slot pulled toward `settings.transfer_from`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,12 +27,11 @@ from typing import Any
 
 import torch
 
-from mergekit_subspace import parallel
+from mergekit_subspace import parallel, transfer
 from mergekit_subspace.basis import (
     FactorBlock,
     SlotBasis,
     captured_energy,
-    fit_slot_basis,
     hooi_step,
     randomized_fit,
     slot_seed,
@@ -131,6 +132,7 @@ class SlotFit:
     spectrum_total: float  # what the spectrum is divided by for scree plots (the full spectrum's sum)
     solver: str
     capture: Callable[[int, int], float]
+    transfer_weight: float | None = None  # the prior's weight, where the slot was pulled toward another store
 
 
 @dataclass
@@ -147,6 +149,7 @@ class SlotOutcome:
     solver: str
     members: list[str]
     result: Any
+    transfer_weight: float | None = None
 
 
 def choose_solver(
@@ -239,6 +242,7 @@ class SubspaceBasis:
         costs = {
             m: sum(sum(t.ranks[m] for t in tasks if m in t.shapes) * s for s in shapes[m]) for m in shapes
         }
+        transfer.check_source(self.transfer_source, shapes, base.identity() if base is not None else None)
         sizes = self.sizes or {}
         if self.settings.budget_bytes is not None and self.sizes is None:
             sizes = self._budget_sizes(tasks, list(shapes), costs, ranks)
@@ -257,6 +261,7 @@ class SubspaceBasis:
                 solver=fit.solver,
                 members=[t.name for t in slot.tasks],
                 result=visit(module, fit.basis, slot) if visit is not None else None,
+                transfer_weight=fit.transfer_weight,
             )
             del slot, fit  # the slot's factors go before the next slot is read
             release_freed_memory()
@@ -274,7 +279,15 @@ class SubspaceBasis:
         self.capped_ = {m: o.capped for m, o in outcomes.items()}
         self.solver_ = {m: o.solver for m, o in outcomes.items()}
         self.members_ = {m: o.members for m, o in outcomes.items()}
+        self.transfer_weights_ = {
+            m: o.transfer_weight for m, o in outcomes.items() if o.transfer_weight is not None
+        }
         return {m: o.result for m, o in outcomes.items()}
+
+    @functools.cached_property
+    def transfer_source(self) -> transfer.TransferSource | None:
+        """The store `settings.transfer_from` names, opened once (None without one)."""
+        return transfer.open_source(self.settings)
 
     def _budget_sizes(
         self, tasks: list[TaskSource], modules: list[str], costs: dict[str, float], ranks: parallel.Ranks
@@ -320,11 +333,10 @@ class SubspaceBasis:
         width_out = min(m, total_rank, want_out + s.oversample)
         width_in = min(n, total_rank, want_in + s.oversample)
         solver = choose_solver(slot.shape, total_rank, width_out, width_in, s.power_iters, s.solver)
-        if solver == "exact":
+        prior = self.transfer_source.prior(slot.module, slot.shape) if self.transfer_source else None
+        if solver == "exact" or prior is not None:
             deltas = list(slot())
-            basis = fit_slot_basis(
-                deltas, k=k, energy=energy, normalize=s.normalize, refine=refine, k_in=k_in
-            )
+            basis, weight = transfer.fit_slot(deltas, prior, s, k, energy, refine, k_in)
             weights = task_weights(deltas, s.normalize)
 
             def exact_capture(k_out: int, k_in_: int) -> float:
@@ -337,6 +349,7 @@ class SubspaceBasis:
                 spectrum_total=float(basis.spectrum_out.sum()),
                 solver="exact",
                 capture=exact_capture,
+                transfer_weight=weight,
             )
 
         fit = randomized_fit(

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from mergekit_subspace.clusters import encode_on_clusters, is_clustered
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import check_device
 from mergekit_subspace.grow import DEFAULT_MAX_REL_ERROR, check_policy
@@ -287,6 +288,7 @@ def add_many(
         store._check_fits(source)
     dtype = store.manifest["settings"]["dtype"]
     projectors: dict[str, SlotProjector] = {}
+    clustered = is_clustered(store.manifest)
 
     def projector(module: str) -> SlotProjector:
         if module not in projectors:
@@ -296,12 +298,15 @@ def add_many(
     staged: dict[str, tuple[str, dict[str, Any]]] = {}  # name -> (sha256, manifest entry)
     with _staging_folder(store) as staging:
         for source in tqdm(sources, desc="add adapters", disable=None if progress else True, leave=False):
-            slots = {}
-            for module in sorted(source.shapes):
-                delta = source.slots[module]
-                if device != "cpu":
-                    delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
-                slots[module] = encode_slot(source, module, delta, projector(module), dtype)
+            if clustered:  # on the cluster that holds it best
+                cluster, slots, _ = encode_on_clusters(store, source, device)
+            else:
+                cluster, slots = None, {}
+                for module in sorted(source.shapes):
+                    delta = source.slots[module]
+                    if device != "cpu":
+                        delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
+                    slots[module] = encode_slot(source, module, delta, projector(module), dtype)
             error = _total_rel_error(slots)
             if error > max_rel_error:
                 raise SubspaceError(
@@ -311,6 +316,8 @@ def add_many(
                     source.source,
                 )
             data, entry = _task_file_and_entry(source, slots, dtype, added=True)
+            if cluster is not None:
+                entry["cluster"] = cluster
             atomic_write_bytes(staging / f"{source.name}.safetensors", data)
             staged[source.name] = (sha256_bytes(data), entry)
         with _store_lock(store, changed_since=started):
@@ -458,38 +465,40 @@ def model_card(
         rows.append(("kept verbatim", ", ".join(f"`{key}`" for key in entry["extras"])))
     if "energy_dropped" in entry:
         rows.append(("energy dropped", f"{entry['energy_dropped']:.6f} (truncating the fine-tune to LoRA)"))
+    if entry.get("labels"):
+        rows.append(("labels", ", ".join(f"`{label}`" for label in entry["labels"]) + " (config.json)"))
     load_base = hub_id or base or "BASE_MODEL"
     auto_class = _AUTO_CLASSES.get(str(entry["peft_config"].get("task_type")), "AutoModel")
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"A LoRA adapter for `{load_base}` in the standard PEFT format, reconstructed by mergekit-subspace from a "
-        "store that keeps one shared low-rank basis per layer and a small core per task. PEFT loads it with "
-        "`PeftModel.from_pretrained`, and vLLM and LoRAX serve it as any LoRA adapter.",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in rows),
-        "",
-        "## k per slot",
-        "",
-        *_k_summary(store, entry),
-        "",
-        "## Use",
-        "",
-        "```python",
+    use = [
         "from peft import PeftModel",
         f"from transformers import {auto_class}",
         "",
         f"base = {auto_class}.from_pretrained({json.dumps(load_base)})",
         'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
-        "```",
-        "",
     ]
+    intro = (
+        f"A LoRA adapter for `{load_base}` in the standard PEFT format, reconstructed by mergekit-subspace from a "
+        "store that keeps one shared low-rank basis per layer and a small core per task. PEFT loads it with "
+        "`PeftModel.from_pretrained`, and vLLM and LoRAX serve it as any LoRA adapter."
+    )
+    return card_text(front, name, intro, rows, {"k per slot": _k_summary(store, entry)}, use)
+
+
+def card_text(
+    front: dict[str, Any],
+    title: str,
+    intro: str,
+    rows: list[tuple[str, str]],
+    sections: dict[str, list[str]],
+    use: list[str],
+) -> str:
+    """A README.md model card: hub front matter, what the folder is, a table of facts, markdown sections and
+    the Python lines that load it. Export and full merges write their cards through this one layout."""
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", "", intro, ""]
+    lines += ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), ""]
+    for heading, body in sections.items():
+        lines += [f"## {heading}", "", *body, ""]
+    lines += ["## Use", "", "```python", *use, "```", ""]
     return "\n".join(lines)
 
 
@@ -517,6 +526,7 @@ def export_task(
 
 __all__ = [
     "add_many",
+    "card_text",
     "expand_adapters",
     "export_task",
     "format_task_rows",

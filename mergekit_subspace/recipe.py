@@ -5,11 +5,12 @@ from __future__ import annotations
 import glob
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergekit_subspace import hub
 from mergekit_subspace.errors import SubspaceError, validation_message
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -94,9 +95,25 @@ class SubspaceSettings(Strict):
     solver: Literal["auto", "exact", "randomized"] = "auto"
     oversample: int = Field(10, ge=0, le=1024)  # extra sketch columns of the randomized solver
     power_iters: int = Field(3, ge=0, le=20)  # extra passes (block Krylov) of the randomized solver
+    # several bases for a mixed zoo (Compress-then-Serve): tasks are split into this many clusters, each
+    # with its own k per slot; "auto" picks the count at the bytes of one basis (mergekit_subspace.clusters)
+    clusters: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
+    # basis transfer (mergekit_subspace.transfer): pull each slot's bases toward another store's, the
+    # prior weighing `transfer_weight` times the zoo's energy; "auto" picks it per slot by leave-one-out
+    transfer_from: str | None = None
+    transfer_weight: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | Literal["auto"] | None = None
 
     no_bools = field_validator(
-        "k", "k_in", "budget_bytes", "energy", "refine", "oversample", "power_iters", mode="before"
+        "k",
+        "k_in",
+        "budget_bytes",
+        "energy",
+        "refine",
+        "oversample",
+        "power_iters",
+        "clusters",
+        "transfer_weight",
+        mode="before",
     )(classmethod(lambda cls, v: _no_bool(v)))
 
     @model_validator(mode="after")
@@ -114,6 +131,25 @@ class SubspaceSettings(Strict):
             raise ValueError("give either subspace.k or subspace.energy, not both")
         if self.k_in is not None and self.energy is not None:
             raise ValueError("subspace.k_in goes with subspace.k, not with subspace.energy")
+        if self.clusters is not None and (self.target is not None or self.budget_bytes is not None):
+            raise ValueError(
+                "subspace.clusters goes with k or energy, not with a target or budget_bytes (yet)"
+            )
+        return self._transfer_fits()
+
+    def _transfer_fits(self) -> SubspaceSettings:
+        """transfer_from fits by the exact solver on a fixed k per slot (mergekit_subspace.transfer)."""
+        if self.transfer_from is None:
+            if self.transfer_weight is not None:
+                raise ValueError("subspace.transfer_weight goes with subspace.transfer_from")
+            return self
+        if self.energy is not None or self.refine or self.solver == "randomized":
+            raise ValueError(
+                "subspace.transfer_from goes with k, budget_bytes or a target (not energy), the exact solver "
+                "and refine: 0"
+            )
+        if self.transfer_weight is None:
+            self.transfer_weight = "auto"
         return self
 
 
@@ -129,6 +165,10 @@ def settings_record(settings: SubspaceSettings) -> dict:
     for key in SOLVER_KEYS:
         if record[key] == getattr(defaults, key):
             del record[key]
+    if record["clusters"] is None:
+        del record["clusters"]  # as for the target: unclustered stores stay byte-identical
+    if record["transfer_from"] is None:
+        del record["transfer_from"], record["transfer_weight"]
     if record["target"] is None:
         del record["target"]  # stores without a target stay byte-identical to those written before
     else:
@@ -211,9 +251,11 @@ def load_yaml(path: str | Path) -> dict:
 
 def parse_compress_recipe(path: str | Path) -> CompressRecipe:
     try:
-        return CompressRecipe.model_validate(load_yaml(path))
+        recipe = CompressRecipe.model_validate(load_yaml(path))
     except ValidationError as exc:
         raise SubspaceError(_pydantic_message(exc), path) from exc
+    recipe.base_model = hub.resolve_optional(recipe.base_model, path)
+    return recipe
 
 
 def expand_entries(entries: list, recipe_path: str | Path | None) -> list[tuple[Path, str | None, dict]]:
@@ -234,8 +276,9 @@ def expand_entries(entries: list, recipe_path: str | Path | None) -> list[tuple[
             if not matches:
                 raise SubspaceError(f"pattern '{raw}' matched no folder", recipe_path)
             expanded.extend((Path(p), None, extra) for p in matches)
-        else:
-            expanded.append((Path(raw), name, extra))
+        else:  # a local folder, or a hub id read from the Hugging Face cache (named after its repository)
+            path = hub.resolve(raw, recipe_path)
+            expanded.append((path, name or (hub.default_name(raw) if path != Path(raw) else None), extra))
     return expanded
 
 

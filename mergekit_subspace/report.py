@@ -46,6 +46,13 @@ def format_info(info: dict[str, Any]) -> str:
         }
         lines.append("solver: " + ", ".join(f"{name} in {count} slot(s)" for name, count in counts.items()))
     per_task = info["per_task"]
+    members: dict[int, int] = {}
+    for t in per_task.values():
+        if t.get("cluster") is not None:
+            members[t["cluster"]] = members.get(t["cluster"], 0) + 1
+    if members:
+        sizes = ", ".join(f"{c}: {members[c]}" for c in sorted(members))
+        lines.append(f"clusters: {len(members)}, one basis each (tasks per cluster: {sizes})")
     shown = list(per_task)
     if len(shown) > SHOWN_TASKS:
         errors = sorted(t["rel_error"] for t in per_task.values())
@@ -81,6 +88,8 @@ def describe_add(entry: dict[str, Any]) -> str:
             f" (projection alone: {entry['projected_rel_error']:.4f}; grew the basis by {columns} columns "
             f"in {len(entry['grown'])} slots)"
         )
+    elif entry.get("cluster") is not None:
+        line += f" (projected on cluster {entry['cluster']}, the one that holds it best)"
     else:
         line += " (projected on the basis as it is)"
     return line

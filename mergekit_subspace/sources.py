@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mergekit_subspace import hub
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.checkpoint import Checkpoint
 from mergekit_subspace.io.finetune import read_finetune
@@ -54,7 +55,10 @@ class TaskSource:
 
 
 def lora_task(folder: str | Path, name: str | None = None, allow_pickle: bool = False) -> TaskSource:
-    folder = Path(folder)
+    resolved = hub.resolve(folder)  # a hub id is read from the local Hugging Face cache
+    if resolved != Path(folder):
+        name = name or hub.default_name(str(folder))
+    folder = resolved
     adapter = read_lora_adapter(folder, allow_pickle=allow_pickle)
     task_name = check_task_name(name or folder.resolve().name, folder)
     return TaskSource(
@@ -71,6 +75,7 @@ def lora_task(folder: str | Path, name: str | None = None, allow_pickle: bool = 
         digest=lambda: adapter.source_sha256,
         alphas=adapter.alphas,
         fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out", False)),
+        notes={f"source_{key}": value for key, value in hub.hub_origin(folder).items()},  # cached hub id
     )
 
 
@@ -134,7 +139,11 @@ def finetune_task(
         shapes={m: d.shape for m, d in delta.slots.items()},
         ranks={m: d.rank for m, d in delta.slots.items()},
         digest=lambda: delta.source_sha256,
-        notes={"max_rank": max_rank, "energy_dropped": delta.energy_dropped},
+        notes={
+            "max_rank": max_rank,
+            "energy_dropped": delta.energy_dropped,
+            **{f"source_{key}": value for key, value in hub.hub_origin(folder).items()},
+        },
     )
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from mergekit_subspace import parallel
 from mergekit_subspace.basis import SlotBasis
+from mergekit_subspace.clusters import encode_on_clusters, is_clustered
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis, check_device
 from mergekit_subspace.grow import (
@@ -37,7 +38,7 @@ from mergekit_subspace.io.codec import (
     extras_dtype,
 )
 from mergekit_subspace.io.files import atomic_directory, check_output, sha256_bytes, tensors_to_bytes
-from mergekit_subspace.io.peft import read_labels, write_lora_adapter
+from mergekit_subspace.io.peft import label_config, read_labels, write_lora_adapter
 from mergekit_subspace.io.store import (
     BASIS,
     FORMAT,
@@ -329,6 +330,14 @@ class SubspaceStore:
             return compress_to_target(
                 cls, tasks, settings, out, base, overwrite, progress, device, base_identity=base_identity
             )
+        if settings.clusters is not None:
+            from mergekit_subspace.clusters import check_clusters, compress_clustered
+
+            if isinstance(settings.clusters, int):
+                check_clusters(settings.clusters, tasks)
+            return compress_clustered(
+                cls, tasks, settings, out, base, overwrite, progress, device, base_identity
+            )
         dtype = settings.dtype
         fitted = SubspaceBasis(settings, sizes=sizes, device=device, progress=progress)
 
@@ -359,8 +368,12 @@ class SubspaceStore:
         base_identity: dict[str, Any] | None,
         overwrite: bool,
         progress: bool,
+        slot_notes: dict[str, dict[str, Any]] | None = None,
+        task_notes: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        """Write basis, task files (one at a time, heads read as each is written) and the manifest last."""
+        """Write basis, task files (one at a time, heads read as each is written) and the manifest last.
+        `slot_notes` and `task_notes` add fields to slots' and tasks' manifest entries (a clustered store's
+        column ranges and each task's cluster)."""
         slot_meta: dict[str, Any] = {}
         basis_file: dict[str, torch.Tensor] = {}
         for module, (file_tensors, _) in per_slot.items():
@@ -379,6 +392,9 @@ class SubspaceStore:
             }
             if fitted.solver_[module] != "exact":
                 slot_meta[module]["solver"] = fitted.solver_[module]
+            if module in getattr(fitted, "transfer_weights_", {}):  # pulled toward transfer_from's basis
+                slot_meta[module]["transfer_weight"] = fitted.transfer_weights_[module]
+            slot_meta[module].update((slot_notes or {}).get(module, {}))
         basis_data = tensors_to_bytes(basis_file, metadata={"format": FORMAT})
         entries: dict[str, Any] = {}
         hashes = {BASIS: sha256_bytes(basis_data)}
@@ -388,6 +404,7 @@ class SubspaceStore:
             for task in tqdm(tasks, desc="write tasks", disable=None if progress else True, leave=False):
                 slots = {m: cores.get(task.name) for m, (_, cores) in per_slot.items() if task.name in cores}
                 data, entries[task.name] = _task_file_and_entry(task, slots, settings.dtype, added=False)
+                entries[task.name].update((task_notes or {}).get(task.name, {}))
                 (tmp / task_file(task.name)).write_bytes(data)
                 hashes[task_file(task.name)] = sha256_bytes(data)
             manifest = {
@@ -501,11 +518,29 @@ class SubspaceStore:
             bases = SlotProjector(*(t.to(device) for t in self.basis(module)))
             return encode_slot(source, module, on_device(module), bases, dtype)
 
-        slots = parallel.map_shared(ranks, modules, costs, encode, "project", progress=False, everywhere=True)
+        cluster = None
+        if is_clustered(self.manifest):
+            if ranks.world > 1:
+                raise SubspaceError(
+                    "a clustered store takes new tasks in one process; run add without torchrun"
+                )
+            cluster, slots, _ = encode_on_clusters(self, source, device)
+        else:
+            slots = parallel.map_shared(
+                ranks, modules, costs, encode, "project", progress=False, everywhere=True
+            )
         projected_error = _total_rel_error(slots)
         grown: dict[str, tuple[int, int]] = {}
         basis_data = None
-        if policy == "grow" or (policy == "auto" and projected_error > max_rel_error):
+        wants_growth = policy == "grow" or (policy == "auto" and projected_error > max_rel_error)
+        if wants_growth and cluster is not None:
+            raise SubspaceError(
+                f"would be stored with relative error {projected_error:.3f} on its best cluster, and a "
+                "clustered store's bases do not grow by add; use `refit STORE --add ADAPTER` (it fits the "
+                "clusters again) or --policy project with a higher --max-rel-error; nothing was written",
+                source.source,
+            )
+        if wants_growth:
             grown, grown_slots, basis_data = self._grow(source, ranks, costs, max_rel_error, on_device)
             slots.update(grown_slots)
         stored_error = _total_rel_error(slots)
@@ -519,6 +554,8 @@ class SubspaceStore:
             )
         if ranks.main:
             data, entry = _task_file_and_entry(source, slots, dtype, added=True)
+            if cluster is not None:
+                entry["cluster"] = cluster
             manifest = copy.deepcopy(self.manifest)
             if grown:
                 entry["grown_from_rel_error"] = projected_error
@@ -630,7 +667,10 @@ class SubspaceStore:
         entry = self._entry(name)
         dtype = getattr(torch, entry["dtype"])
         factors = {m: (B.to(dtype), A.to(dtype)) for m, (B, A) in self.task_factors(name).items()}
-        return write_lora_adapter(out, factors, self.extras(name), entry["peft_config"], overwrite=overwrite)
+        labels = label_config(entry.get("labels"), (self.manifest.get("base_model") or {}).get("model_type"))
+        return write_lora_adapter(
+            out, factors, self.extras(name), entry["peft_config"], overwrite=overwrite, model_config=labels
+        )
 
     def _entry(self, name: str) -> dict[str, Any]:
         entry = self.manifest["tasks"].get(name)
@@ -657,12 +697,15 @@ class SubspaceStore:
             }
             if "energy_dropped" in entry:
                 per_task[name]["energy_dropped"] = entry["energy_dropped"]
+            if entry.get("cluster") is not None:
+                per_task[name]["cluster"] = entry["cluster"]
         slots = {
             module: {
                 key: meta[key]
                 for key in ("shape", "k_out", "k_in", "k_capped", "total_rank", "captured_energy")
             }
             | {"tasks": len(meta["tasks"]), "solver": meta.get("solver", "exact")}
+            | ({"transfer_weight": meta["transfer_weight"]} if "transfer_weight" in meta else {})
             for module, meta in sorted(self.manifest["slots"].items())
         }
         return {

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import WORDS, make_lora, write_recipe
 
+from mergekit_subspace.bench.report import plots
 from mergekit_subspace.cli import main
 
 METHOD_KEYS = {
@@ -66,10 +67,17 @@ def test_bench_measures_every_method(tiny_bert: Path, bench_setup) -> None:
     assert per_k_bytes["1"]["store"] < per_k_bytes["8"]["store"]
     assert results["bytes"]["sources"] > 0 and results["bytes"]["sources_cast_to_store_dtype"] > 0
     assert results["timing"]["8"]["fit_seconds"] >= 0 and results["peak_rss_mib"] > 0
+    timing = results["timing"]  # the total covers every phase the user waited for
+    phases = ["load_seconds", "baselines_seconds", "plot_seconds"]
+    per_k = [timing[k]["fit_seconds"] + timing[k]["eval_seconds"] for k in ("1", "8")]
+    parts = sum(timing[p] for p in phases) + sum(per_k)
+    assert 0 < parts <= timing["total_seconds"]
     assert results["summary"]["8"]["reconstructed"]["mean_normalized"] == pytest.approx(1.0)
     for name in ("report.md", "scree.png", "accuracy_vs_bytes.png", "coefficient_spectrum.png"):
         assert (root / "out" / name).stat().st_size > 0
     assert "per_task_svd" in (root / "out" / "report.md").read_text()
+    (root / "again").mkdir()  # the plots are drawn again from results.json alone, without the stores
+    assert all(p.stat().st_size > 0 for p in plots(results, root / "again"))
     assert not (root / "out" / "work").exists()
 
 

@@ -104,6 +104,11 @@ def test_every_method_is_registered_with_a_reference() -> None:
         "iso_c",
         "iso_cts",
         "mean",
+        "knots_ties",
+        "knots_dare_ties",
+        "core_ties",
+        "core_dare_linear",
+        "core_dare_ties",
     }
     assert set(METHODS) == expected
     assert all(m.reference for m in METHODS.values())

@@ -97,88 +97,157 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     lines += ["", "## What this run could not show", ""] + [f"- {note}" for note in results["not_shown"]]
     lines += ["", f"Peak RSS: {results['peak_rss_mib']:.0f} MiB.", ""]
+    timing = results["timing"]
+    if "total_seconds" in timing:  # runs before the phases were timed have only fit seconds per k
+        per_k = sum(timing[k]["fit_seconds"] + timing[k]["eval_seconds"] for k in results["summary"])
+        lines[-1:] = [
+            f"Wall time: {timing['total_seconds']:.1f} s from start to the last plot (reading adapters and "
+            f"data {timing['load_seconds']:.1f} s, original / base-only / mean adapter "
+            f"{timing['baselines_seconds']:.1f} s with the first model load, fitting and scoring per k "
+            f"{per_k:.1f} s, plots {timing['plot_seconds']:.1f} s).",
+            "",
+        ]
     return "\n".join(lines)
 
 
-def plots(results: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    largest = str(max(results["budgets"]))
-    manifest = json.loads((out / "stores" / f"k{largest}" / "manifest.json").read_text())
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for _module, slot in sorted(manifest["slots"].items()):
-        spectrum = slot["spectrum_out"]
-        cumulative = [sum(spectrum[: i + 1]) for i in range(len(spectrum))]
-        ax.plot(range(1, len(cumulative) + 1), cumulative, alpha=0.35, lw=1)
-    ax.set(xlabel="k (left basis directions)", ylabel="captured energy (normalized deltas)", ylim=(0, 1.02))
-    ax.set_title(f"Scree per slot ({len(manifest['slots'])} slots)")
-    ax.grid(alpha=0.3)
-    written.append(out / "scree.png")
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    budgets = [str(k) for k in results["budgets"]]
-    x = [results["bytes"]["per_k"][k]["store"] for k in budgets]
-    for method, style in (
-        ("reconstructed", "o-"),
-        ("per_task_svd", "s--"),
-        ("leave_one_out", "^:"),
-        ("vlora", "d-."),
-    ):
-        y = [results["summary"][k][method]["mean_normalized"] for k in budgets]
-        if method == "vlora" and isinstance(results["peers"].get("vlora"), dict):
-            xs = [results["peers"]["vlora"][k]["bytes"] for k in budgets]
-        else:
-            xs = x
-        points = [(a, b) for a, b in zip(xs, y, strict=True) if b is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=method)
-    for method, color in (("mean_adapter", "grey"), ("base_only", "black")):
-        value = results["summary"][budgets[0]][method]["mean_normalized"]
-        if value is not None:
-            ax.axhline(value, color=color, ls="--", lw=1, label=method)
-    ax.axvline(results["bytes"]["sources"], color="tab:red", lw=1, label="source adapters (bytes)")
-    ax.set_xscale("log")
-    ax.set(xlabel="bytes on disk", ylabel="mean normalized accuracy")
-    ax.set_title("Accuracy against bytes")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    written.append(out / "accuracy_vs_bytes.png")
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-
+def slot_spectra(store: Any) -> dict[str, Any]:
+    """What the slot plots draw, kept in results.json so they can be drawn again from it alone: per slot the
+    cumulative captured energy of the left basis (scree) and the singular values, over the largest, of the
+    tasks x core-entries matrix of its coefficients (4 significant digits)."""
     import torch
 
-    from mergekit_subspace.subspace import SubspaceStore
+    def short(values: list[float]) -> list[float]:
+        return [float(f"{v:.4g}") for v in values]
 
-    store = SubspaceStore(out / "stores" / f"k{largest}")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    scree = {}
+    for module, slot in sorted(store.manifest["slots"].items()):
+        spectrum = slot["spectrum_out"]
+        scree[module] = short([sum(spectrum[: i + 1]) for i in range(len(spectrum))])
     cores_by_task = {t: store.cores(t) for t in store.tasks}
+    coefficients = {}
     for module in store.slots:
         cores = [c[module].flatten().double() for c in cores_by_task.values() if module in c]
         if len(cores) < 2:
             continue
         values = torch.linalg.svdvals(torch.stack(cores))
-        ax.plot(range(1, len(values) + 1), (values / values[0]).tolist(), alpha=0.35, lw=1)
-    ax.set_yscale("log")
-    ax.set(xlabel="component", ylabel="singular value / largest")
-    ax.set_title("Spectrum of the per-task coefficients (tasks x core entries), per slot")
+        if float(values[0]) > 0:
+            coefficients[module] = short((values / values[0]).tolist())
+    return {"scree": scree, "coefficients": coefficients}
+
+
+def _label_points(ax: Any, points: list[tuple[float, float, str]], color: str, below: bool) -> None:
+    """'k=8' beside each point (above right; below left for `below`, which keeps it off the right edge);
+    points at the same place (vLoRA's smallest subspace at several k) get one label naming every k."""
+    at: dict[tuple[float, float], list[str]] = {}
+    for x, y, k in points:
+        at.setdefault((x, y), []).append(k)
+    for (x, y), ks in at.items():
+        ax.annotate(
+            "k=" + ", ".join(ks),
+            (x, y),
+            xytext=(-5, -12) if below else (5, 5),
+            textcoords="offset points",
+            ha="right" if below else "left",
+            fontsize=8,
+            color=color,
+        )
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """scree.png, accuracy_vs_bytes.png and coefficient_spectrum.png, drawn from `results` alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mergekit_subspace.bench.plotting import STYLE, integer_ticks, legend_outside, save, slot_band
+
+    budgets = [int(k) for k in results["budgets"]]
+    largest = max(budgets)
+    spectra = results["spectra"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    slot_band(
+        ax,
+        spectra["scree"],
+        pick_labels=("fastest to capture", "median slot", "slowest to capture"),
+        pad_last=True,
+    )
+    for k in budgets:
+        ax.axvline(k, color="grey", lw=0.8, ls="--")
+        ax.annotate(
+            f"store k={k}",
+            (k, 0.02),
+            xytext=(-3, 0),
+            textcoords="offset points",
+            fontsize=8,
+            color="grey",
+            rotation=90,
+            ha="right",
+            va="bottom",
+        )
+    ax.set(xlabel="k (left basis directions)", ylabel="captured energy (normalized deltas)", ylim=(0, 1.02))
+    ax.set_title(f"Energy the shared basis captures as k grows ({len(spectra['scree'])} slots)")
+    integer_ticks(ax.xaxis)
     ax.grid(alpha=0.3)
-    written.append(out / "coefficient_spectrum.png")
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    legend_outside(ax)
+    written.append(save(fig, out / "scree.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    keys = [str(k) for k in budgets]
+    x = [results["bytes"]["per_k"][k]["store"] for k in keys]
+    for method in ("reconstructed", "per_task_svd", "leave_one_out", "vlora"):
+        y = [results["summary"][k][method]["mean_normalized"] for k in keys]
+        if method == "vlora" and isinstance(results["peers"].get("vlora"), dict):
+            xs = [results["peers"]["vlora"][k]["bytes"] for k in keys]
+        else:
+            xs = x
+        points = [(a, b, k) for a, b, k in zip(xs, y, keys, strict=True) if b is not None]
+        if not points:
+            continue
+        ours = method == "reconstructed"  # drawn largest and filled; the others hollow, so none hides another
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            label=method,
+            markersize=8 if ours else 6,
+            markerfacecolor=None if ours else "none",
+            zorder=3 if ours else 2,
+            **STYLE[method],
+        )
+        if method in ("reconstructed", "vlora"):
+            _label_points(ax, points, STYLE[method]["color"], below=not ours)
+    ax.axhline(1.0, color=STYLE["original"]["color"], lw=1, label="original adapters (= 1)")
+    for method in ("mean_adapter", "base_only"):
+        value = results["summary"][keys[0]][method]["mean_normalized"]
+        if value is not None:
+            style = STYLE[method]
+            ax.axhline(value, color=style["color"], ls=style["ls"], lw=1, label=f"{method} ({value:.3f})")
+    ax.axvline(results["bytes"]["sources"], color="tab:red", lw=1, label="source adapters' bytes")
+    ax.set_xscale("log")
+    ax.set(xlabel="bytes on disk (log)", ylabel="mean normalized accuracy (method / original)")
+    ax.set_title("Accuracy against bytes (points labelled with the store's k)")
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
+    written.append(save(fig, out / "accuracy_vs_bytes.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    slot_band(
+        ax,
+        spectra["coefficients"],
+        pick_labels=("slowest decay", "median slot", "fastest decay"),
+        color="tab:purple",
+    )
+    ax.set_yscale("log")
+    ax.set(xlabel="component", ylabel="singular value / largest (log)")
+    ax.set_title(f"How low-rank the tasks' coefficients are, per slot (k = {largest})")
+    integer_ticks(ax.xaxis)
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
+    written.append(save(fig, out / "coefficient_spectrum.png"))
     return written
 
 
-def write_report(results: dict[str, Any], out: Path) -> None:
+def write_markdown(results: dict[str, Any], out: Path) -> None:
     atomic_write_bytes(out / "report.md", markdown(results).encode())
-    plots(results, out)

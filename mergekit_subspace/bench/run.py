@@ -85,7 +85,13 @@ def _cast_source_bytes(tasks: list[TaskSource], dtype: str) -> int:
 def run_bench(
     recipe_path: str | Path, out: str | Path, progress: bool = True, overwrite: bool = False
 ) -> dict[str, Any]:
-    """Measure a bench recipe into OUT/results.json, OUT/report.md and OUT/*.png."""
+    """Measure a bench recipe into OUT/results.json, OUT/report.md and OUT/*.png.
+
+    On a terminal one bar counts the (k, task) steps (the first pass scores the original, base-only and mean
+    adapter of each task; then one pass per k), its text naming what runs now, model loading included.
+    `timing` records the wall time of every phase and `total_seconds`, from the call to the last plot.
+    """
+    started = time.perf_counter()
     recipe_path = Path(recipe_path)
     recipe = parse_bench_recipe(recipe_path)
     if not recipe.base_model:
@@ -100,25 +106,37 @@ def run_bench(
     check_output(
         out, overwrite=True, inputs=[recipe.base_model, *(t.source for t in tasks)], existing_ok=True
     )
+    show = None if progress else True
     # every data file is read and checked before any fitting or training starts
     labels = {t.name: head_size(t.source) if t.kind == "lora" else None for t in tasks}
-    data = {t.name: load_task_data(recipe.eval, t.name, t.source) for t in tasks}
+    data = {
+        t.name: load_task_data(recipe.eval, t.name, t.source)
+        for t in tqdm(tasks, desc="read eval data", disable=show, leave=False)
+    }
+    timing: dict[str, Any] = {"load_seconds": time.perf_counter() - started}
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     judge = AdapterScorer(recipe, work, data, labels)
-    show = None if progress else True
     per_task: dict[str, dict[str, Any]] = {t.name: {} for t in tasks}
     fixed: dict[str, dict[str, float | None]] = {}
+    bar = tqdm(total=len(tasks) * (1 + len(budgets)), desc="bench", unit="step", disable=show)
+    clock = time.perf_counter()
+    bar.set_postfix_str("mean adapter")
     mean_factors = baselines.mean_adapter(tasks)
-    for task in tqdm(tasks, desc="original / base / mean", disable=show):
+    for index, task in enumerate(tasks):
+        bar.set_postfix_str(
+            f"{task.name}: original, base, mean" + (" (loading the base)" if index == 0 else "")
+        )
         fixed[task.name] = {
             "original": judge.folder(Path(task.source), task) if task.kind == "lora" else None,
             "base_only": judge.factors(baselines.zero_factors(task), task, "base"),
             "mean_adapter": judge.factors({m: mean_factors[m] for m in task.slots}, task, "mean"),
         }
+        bar.update()
+    timing["baselines_seconds"] = time.perf_counter() - clock
 
     results: dict[str, Any] = {
         "recipe": str(recipe_path),
@@ -132,7 +150,7 @@ def run_bench(
             "store_dtype": recipe.subspace.dtype,
             "per_k": {},
         },
-        "timing": {},
+        "timing": timing,
         "peers": {},
         "per_task": per_task,
     }
@@ -146,11 +164,12 @@ def run_bench(
 
     for k in budgets:
         settings = recipe.subspace.model_copy(update={"k": k, "energy": None})
-        started = time.perf_counter()
+        bar.set_postfix_str(f"k={k}: fitting")
+        clock = time.perf_counter()
         store = SubspaceStore.from_tasks(
             tasks, settings, out / "stores" / f"k{k}", base=base, overwrite=True, progress=progress
         )
-        fit_seconds = time.perf_counter() - started
+        fit_seconds = time.perf_counter() - clock
         info = store.info()
         payload = store.stored_numbers()
         # leave-one-out refits each slot at the size the store chose for it (per-slot under budget_bytes)
@@ -166,10 +185,13 @@ def run_bench(
         }
         vlora_factors: dict[str, baselines.Factors] = {}
         if use_vlora:
+            bar.set_postfix_str(f"k={k}: fitting vLoRA")
             vlora_factors, vlora_bytes, vlora_meta = vlora_peer.vlora_at_bytes(tasks, payload * item)
             results["peers"].setdefault("vlora", {})[str(k)] = {"bytes": vlora_bytes, **vlora_meta}
         reconstruct_ms = []
-        for task in tqdm(tasks, desc=f"k={k}", disable=show):
+        clock = time.perf_counter()
+        for task in tasks:
+            bar.set_postfix_str(f"k={k}: {task.name}")
             row: dict[str, Any] = dict(fixed[task.name])
             t0 = time.perf_counter()
             rebuilt = store.reconstruct(task.name, work / f"rec-{task.name}", overwrite=True)
@@ -194,8 +216,10 @@ def run_bench(
                 judge.factors(vlora_factors[task.name], task, "vlora") if task.name in vlora_factors else None
             )
             per_task[task.name][str(k)] = row
-        results["timing"][str(k)] = {
+            bar.update()
+        timing[str(k)] = {
             "fit_seconds": fit_seconds,
+            "eval_seconds": time.perf_counter() - clock,
             "reconstruct_ms_per_task_median": statistics.median(reconstruct_ms),
         }
         results["bytes"]["per_k"][str(k)]["slots"] = {
@@ -203,14 +227,21 @@ def run_bench(
             for m, s in info["slots"].items()
         }
     results["summary"] = summarize(results)
-    results["peak_rss_mib"] = peak_rss_mib()
     results["not_shown"] = not_shown(results, tasks)
     shutil.rmtree(work, ignore_errors=True)
 
-    from mergekit_subspace.bench.report import write_report
+    from mergekit_subspace.bench.report import plots, slot_spectra, write_markdown
 
+    bar.set_postfix_str("plots")
+    clock = time.perf_counter()
+    results["spectra"] = slot_spectra(store)  # the last store fitted: the largest k
+    plots(results, out)
+    timing["plot_seconds"] = time.perf_counter() - clock
+    bar.close()
+    timing["total_seconds"] = time.perf_counter() - started
+    results["peak_rss_mib"] = peak_rss_mib()
     atomic_write_bytes(out / "results.json", json_bytes(results))
-    write_report(results, out)
+    write_markdown(results, out)
     return results
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 from mergekit_subspace.errors import SubspaceError
 
 
-def _read_jsonl(path: Path, fields: dict[str, type], max_examples: int | None) -> list[dict]:
+def _read_jsonl(
+    path: Path, fields: dict[str, type], max_examples: int | None, what: str = "evaluation"
+) -> list[dict]:
     if not path.is_file():
-        raise SubspaceError("evaluation data not found", path)
+        raise SubspaceError(f"{what} data not found", path)
     rows: list[dict] = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -33,16 +35,20 @@ def _read_jsonl(path: Path, fields: dict[str, type], max_examples: int | None) -
             if max_examples is not None and len(rows) >= max_examples:
                 break
     if not rows:
-        raise SubspaceError("evaluation set is empty", path)
+        raise SubspaceError(f"{what} set is empty", path)
     return rows
 
 
 def load_classification_jsonl(
-    path: str | Path, max_examples: int | None = None, num_labels: int | None = None
+    path: str | Path,
+    max_examples: int | None = None,
+    num_labels: int | None = None,
+    what: str = "evaluation",
 ) -> list[tuple[str, int]]:
-    """`{"text": str, "label": int}` per line; labels must index the task's head."""
+    """`{"text": str, "label": int}` per line; labels must index the task's head. `what` names the set in
+    errors (evaluation, training, validation)."""
     path = Path(path)
-    rows = _read_jsonl(path, {"text": str, "label": int}, max_examples)
+    rows = _read_jsonl(path, {"text": str, "label": int}, max_examples, what)
     if num_labels is not None:
         for number, row in enumerate(rows, start=1):
             if not 0 <= row["label"] < num_labels:
@@ -53,7 +59,9 @@ def load_classification_jsonl(
     return [(row["text"], row["label"]) for row in rows]
 
 
-def load_exact_match_jsonl(path: str | Path, max_examples: int | None = None) -> list[tuple[str, str]]:
+def load_exact_match_jsonl(
+    path: str | Path, max_examples: int | None = None, what: str = "evaluation"
+) -> list[tuple[str, str]]:
     """`{"prompt": str, "answer": str}` per line."""
-    rows = _read_jsonl(Path(path), {"prompt": str, "answer": str}, max_examples)
+    rows = _read_jsonl(Path(path), {"prompt": str, "answer": str}, max_examples, what)
     return [(row["prompt"], row["answer"]) for row in rows]

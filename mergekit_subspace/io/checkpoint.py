@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mergekit_subspace import hub
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.files import (
     load_pickle_weights,
@@ -29,7 +30,7 @@ class Checkpoint:
     """A model folder's tensors, found by name or by module path, read only when asked for."""
 
     def __init__(self, folder: str | Path, allow_pickle: bool = False) -> None:
-        self.folder = Path(folder)
+        self.folder = hub.resolve(folder)  # a hub id reads its snapshot from the local Hugging Face cache
         if not self.folder.is_dir():
             raise SubspaceError("model folder not found", self.folder)
         self._files: dict[str, Path] = {}
@@ -116,6 +117,7 @@ class Checkpoint:
             "config_sha256": self.config_sha256,
             "model_type": self.config.get("model_type"),
             "architectures": self.config.get("architectures"),
+            **hub.hub_origin(self.folder),  # hub_id and commit of an HF cache snapshot, beside its path
         }
 
     def bytes_on_disk(self) -> int:

@@ -318,11 +318,13 @@ def write_lora_adapter(
     extras: dict[str, torch.Tensor],
     config: dict[str, Any],
     overwrite: bool = False,
+    model_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write a PEFT folder atomically: `factors` maps module path -> (B, A) with the scale already folded in.
 
     Ranks may differ by module; the most common rank becomes `r` and the others go to rank_pattern, with
-    alpha equal to the rank everywhere so that PEFT's scale is exactly 1.
+    alpha equal to the rank everywhere so that PEFT's scale is exactly 1. `model_config`, when given, is
+    written beside the adapter as config.json (a classifier's label names: see `label_config`).
     """
     out = Path(out)
     ranks = {module: int(A.shape[0]) for module, (_, A) in factors.items()}
@@ -359,11 +361,25 @@ def write_lora_adapter(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / CONFIG_NAME).write_bytes(json_bytes(written))
         (tmp / WEIGHTS_NAME).write_bytes(tensors_to_bytes(tensors, metadata={"format": "pt"}))
+        if model_config is not None:
+            (tmp / MODEL_CONFIG_NAME).write_bytes(json_bytes(model_config))
     return out
 
 
 MODEL_CONFIG_NAME = "config.json"
 _DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
+
+
+def label_config(labels: list[str] | None, model_type: str | None) -> dict[str, Any] | None:
+    """The config.json a classifier adapter's folder carries when `model.config.save_pretrained(adapter_dir)`
+    was run beside it, cut to what names the classes (id2label, label2id; num_labels follows from them) and
+    the model_type that lets `AutoConfig.from_pretrained(adapter_dir)` read it. None without labels."""
+    if not labels:
+        return None
+    config: dict[str, Any] = {"model_type": model_type} if model_type else {}
+    config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+    config["label2id"] = {name: i for i, name in enumerate(labels)}
+    return config
 
 
 def read_labels(folder: str | Path) -> list[str] | None:

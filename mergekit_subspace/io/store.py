@@ -66,7 +66,7 @@ EXTRA_PREFIX = "extra:"
 CORES_KEY = "cores"
 SCALES_KEY = "core_scales"
 SCALE_SUFFIX = ".scale"
-SLOT_COLUMNS = ("rank", "rho", "norm", "rel_error", "alpha", "k_out", "k_in")
+SLOT_COLUMNS = ("rank", "rho", "norm", "rel_error", "alpha", "k_out", "k_in", "o_out", "o_in")
 BASIS_NAME = re.compile(r"basis(-[1-9][0-9]{0,8})?\.safetensors")
 FLOAT_DIGITS = 6
 DIGEST_KEY = "manifest_sha256"
@@ -269,6 +269,9 @@ class _SlotModel(_Open):
     captured_energy: Finite
     spectrum_out: list[Finite]
     solver: str | None = None
+    # a clustered store's column ranges per cluster: [first U column, width, first V column, width], or
+    # null where no task of the cluster touches the slot
+    clusters: list[Annotated[list[NonNegInt], Field(min_length=4, max_length=4)] | None] | None = None
 
 
 class _SlotTable(BaseModel):
@@ -283,6 +286,10 @@ class _SlotTable(BaseModel):
         None  # the basis width a task was encoded on, where the basis grew
     )
     k_in: list[PositiveInt | None] | None = None
+    # where a task's core starts in its slot's basis: a clustered store's bases are its clusters' bases side
+    # by side, and each task's core covers its own cluster's columns only
+    o_out: list[NonNegInt | None] | None = None
+    o_in: list[NonNegInt | None] | None = None
 
 
 class _TaskModel(_Open):
@@ -298,6 +305,7 @@ class _TaskModel(_Open):
     extra_dtypes: dict[str, str]
     added_after_fit: bool
     energy_dropped: NonNegFinite | None = None
+    cluster: NonNegInt | None = None  # which of a clustered store's bases the task was fit with
 
 
 class _StoredConfig(_Open):
@@ -376,6 +384,13 @@ def check_manifest(raw: dict[str, Any], path: Path) -> None:
     for module, meta in slots.items():
         if meta["k_out"] > meta["shape"][0] or meta["k_in"] > meta["shape"][1]:
             raise damaged(f"slot '{module}' has k ({meta['k_out']}, {meta['k_in']}) beyond its shape")
+        for block in meta.get("clusters") or []:
+            if block is not None and (
+                min(block[1], block[3]) < 1
+                or block[0] + block[1] > meta["k_out"]
+                or block[2] + block[3] > meta["k_in"]
+            ):
+                raise damaged(f"slot '{module}' has a cluster's columns {block} beyond its basis")
     basis_name = raw.get("basis_file") or BASIS
     if not BASIS_NAME.fullmatch(basis_name):
         raise damaged(f"basis_file '{basis_name[:120]}' is not basis.safetensors or basis-<n>.safetensors")
@@ -397,6 +412,10 @@ def check_manifest(raw: dict[str, Any], path: Path) -> None:
         bad = [d for d in entry["extra_dtypes"].values() if not _is_dtype(d)]
         if bad:
             raise damaged(f"task '{name}' has an extra of unknown dtype '{str(bad[0])[:40]}'")
+        if entry.get("cluster") is not None and not any(
+            entry["cluster"] < len(meta.get("clusters") or []) for meta in slots.values()
+        ):
+            raise damaged(f"task '{name}' names cluster {entry['cluster']}, which no slot has")
         table = entry["slot_table"]
         rows = len(table["slot"])
         if len(set(table["slot"])) != rows or any(index >= len(slots) for index in table["slot"]):
@@ -407,10 +426,13 @@ def check_manifest(raw: dict[str, Any], path: Path) -> None:
                     f"task '{name}' slot column '{column}' has {len(table[column])} rows, not {rows}"
                 )
         ordered = sorted(slots)
-        for column in ("k_out", "k_in"):
-            for row, width in enumerate(table.get(column) or []):
-                meta = slots[ordered[table["slot"][row]]]
-                if width is not None and width > meta[column]:
+        for column, offset in (("k_out", "o_out"), ("k_in", "o_in")):
+            widths, offsets = table.get(column), table.get(offset)
+            for row, index in enumerate(table["slot"]):
+                meta = slots[ordered[index]]
+                width = (widths[row] if widths else None) or meta[column]
+                start = (offsets[row] if offsets else None) or 0
+                if start + width > meta[column]:
                     raise damaged(f"task '{name}' has {column} {width} beyond its slot's {meta[column]}")
     files = set(raw["files"])
     if files != expected_files:
@@ -431,20 +453,24 @@ def slot_layouts(entry: dict[str, Any], slots: dict[str, Any]) -> list[SlotLayou
     return layouts
 
 
-def pad_to_basis(matrices: list[torch.Tensor], k_out: int, k_in: int) -> list[torch.Tensor]:
-    """A core encoded before its slot's basis grew, widened to the basis: the task reads as zero on the
-    directions added after it (its delta had no component there when it was stored)."""
+def pad_to_basis(
+    matrices: list[torch.Tensor], k_out: int, k_in: int, o_out: int = 0, o_in: int = 0
+) -> list[torch.Tensor]:
+    """A core that covers only part of its slot's basis, widened to the whole basis: a core encoded before
+    the basis grew (the task reads as zero on the directions added after it), or a clustered store's core,
+    which starts at its cluster's columns (o_out, o_in) and reads as zero on the other clusters'."""
     if len(matrices) == 1:
         core = matrices[0]
         if tuple(core.shape) == (k_out, k_in):
             return matrices
-        return [torch.nn.functional.pad(core, (0, k_in - core.shape[1], 0, k_out - core.shape[0]))]
+        rows, cols = core.shape
+        return [torch.nn.functional.pad(core, (o_in, k_in - o_in - cols, o_out, k_out - o_out - rows))]
     P, Q = matrices
     if P.shape[0] == k_out and Q.shape[1] == k_in:
         return matrices
     return [
-        torch.nn.functional.pad(P, (0, 0, 0, k_out - P.shape[0])),
-        torch.nn.functional.pad(Q, (0, k_in - Q.shape[1])),
+        torch.nn.functional.pad(P, (0, 0, o_out, k_out - o_out - P.shape[0])),
+        torch.nn.functional.pad(Q, (o_in, k_in - o_in - Q.shape[1])),
     ]
 
 
@@ -608,7 +634,14 @@ class StoreFiles:
             raise SubspaceError(f"does not match the manifest: {exc}", path) from None
         slots = self.manifest["slots"]
         matrices = {
-            m: pad_to_basis(mats, slots[m]["k_out"], slots[m]["k_in"]) for m, mats in matrices.items()
+            m: pad_to_basis(
+                mats,
+                slots[m]["k_out"],
+                slots[m]["k_in"],
+                entry["slots"][m].get("o_out") or 0,
+                entry["slots"][m].get("o_in") or 0,
+            )
+            for m, mats in matrices.items()
         }
         dtypes = entry["extra_dtypes"]
         held = {key[len(EXTRA_PREFIX) :] for key in tensors if key.startswith(EXTRA_PREFIX)}

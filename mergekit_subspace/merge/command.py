@@ -22,6 +22,9 @@ RECIPE is YAML shaped like mergekit's:
 Methods (each merges the tasks' small cores in the shared basis):
 {methods}
 
+merge_method: auto (with validation data) tries every method, or the list `auto_methods:`, over the
+lambda grid and writes the best; the whole table goes into the report.
+
 Writes merge_report.json beside the model(s): method, parameters, weights, the lambda chosen on the
 validation data with its scores, and timings.
 """
@@ -75,11 +78,14 @@ def merge(
     if result is None:  # another rank of a torchrun merge: rank 0 reports
         return
     report = result.report
+    seconds = report["seconds"]
     line = f"merged {len(report['tasks'])} task(s) with {report['method']} (lambda {report['lambda']:g}"
     if report["lambda_source"] == "validation":
         best = max(report["validation"]["mean_scores"])
-        line += f", chosen on validation: mean score {best:.4f}"
-    click.echo(line + f") in {report['seconds']['merge']:.3f} s")
+        chosen = f"best of {len(report['auto']['candidates'])} methods" if "auto" in report else "chosen"
+        line += f", {chosen} on validation: mean score {best:.4f}"
+    timing = f" + {seconds['validation']:.1f} s validation" if "validation" in seconds else ""
+    click.echo(line + f") in {seconds['merge']:.3f} s{timing}")
     for label, folder in sorted(result.folders.items()):
         click.echo(f"wrote {folder}" + ("" if label == "merged" else f"  ({label})"))
     click.echo(f"report {result.out / REPORT}")

@@ -1,8 +1,9 @@
 """`full` output: base weights + merged delta, as a Hugging Face folder with sharded safetensors.
 
 Dense by nature (W_base + U C_m V^T per module), but streamed: one base tensor is read at a time (lazily,
-through Checkpoint) and one shard is held in memory at a time. The base's config, tokenizer and other small
-files are copied so the folder loads with from_pretrained as it is.
+through Checkpoint) and one shard is held in memory at a time. The base's config, tokenizer, sentence-
+transformers modules and other small files are copied so the folder loads as the base does; the base's model
+card is replaced by one that describes the merge.
 """
 
 from __future__ import annotations
@@ -11,23 +12,64 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from mergekit_subspace import __version__
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.checkpoint import SAFE_INDEX, Checkpoint
-from mergekit_subspace.io.files import tensors_to_bytes
+from mergekit_subspace.io.files import read_json, tensors_to_bytes
 from mergekit_subspace.io.peft import PEFT_PREFIX
+from mergekit_subspace.manage import CARD, card_text, hub_model_id
 
-_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-_SKIP_NAMES = {SAFE_INDEX, "pytorch_model.bin.index.json"}
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".ot",
+    ".tflite",
+)
+_SKIP_NAMES = {SAFE_INDEX, "pytorch_model.bin.index.json", CARD}
+ST_MODULES = "modules.json"  # sentence-transformers: the modules (subfolders) after the transformer
+
+
+def _module_folders(folder: Path) -> set[str]:
+    """Subfolders that sentence-transformers' modules.json names (1_Pooling, 2_Dense, ...): part of the model."""
+    path = folder / ST_MODULES
+    if not path.is_file():
+        return set()
+    modules = read_json(path)
+    if not isinstance(modules, list):
+        raise SubspaceError("must be a list of modules", path)
+    return {str(m["path"]) for m in modules if isinstance(m, dict) and m.get("path")}
+
+
+def _holds_weights(folder: Path) -> bool:
+    return any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in folder.rglob("*"))
 
 
 def copy_model_files(base: Checkpoint, out: Path) -> list[str]:
-    """Config, tokenizer and generation files of the base (never its weights)."""
+    """Everything of the base folder but its weights and its model card: configs, tokenizer, generation
+    config and sentence-transformers modules (1_Pooling/, 2_Dense/ with their own weights, which no merge
+    changes). Other subfolders holding weights (onnx/, openvino/: exports of the unmerged base) and hidden
+    files are left out, since they would not match the merged weights. Returns the copied paths."""
+    modules = _module_folders(base.folder)
     copied = []
     for item in sorted(base.folder.iterdir()):
-        if item.is_file() and item.name not in _SKIP_NAMES and not item.name.endswith(_SKIP_SUFFIXES):
+        if item.name.startswith("."):
+            continue
+        if item.is_dir():
+            if item.name in modules or not _holds_weights(item):
+                shutil.copytree(item, out / item.name)
+                copied += sorted(str(p.relative_to(base.folder)) for p in item.rglob("*") if p.is_file())
+        elif item.is_file() and item.name not in _SKIP_NAMES and not item.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(item, out / item.name)
             copied.append(item.name)
     return copied
@@ -138,6 +180,7 @@ def write_full_model(
         index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / SAFE_INDEX).write_text(json.dumps(index_doc, indent=2) + "\n", encoding="utf-8")
     return {
+        "base_model": str(base.folder),
         "shards": final_names,
         "copied_files": copied,
         "merged_modules": sorted(deltas),
@@ -145,3 +188,62 @@ def write_full_model(
         "added_keys": sorted(set(heads) - set(base.keys())),
         "bytes": total,
     }
+
+
+def _load_lines(folder: Path) -> list[str]:
+    """Python that loads the folder: sentence-transformers when it has modules.json, else the architecture
+    class its config.json names (AutoModel when it names none)."""
+    if (folder / ST_MODULES).is_file():
+        return [
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            'model = SentenceTransformer("path/to/this/folder")',
+        ]
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    names = config.get("architectures") if isinstance(config, dict) else None
+    cls = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else "AutoModel"
+    return [f"from transformers import {cls}", "", f'model = {cls}.from_pretrained("path/to/this/folder")']
+
+
+def merged_model_card(report: dict[str, Any], label: str, folder: Path) -> str:
+    """README.md of the full merged model `label` in `folder`, from the merge report: what was merged, how,
+    with what, and how to load it."""
+    details = report["full"][label]
+    base = details["base_model"]
+    hub_id = hub_model_id(base)
+    front: dict[str, Any] = {"base_model": hub_id, "base_model_relation": "merge"} if hub_id else {}
+    front |= {"library_name": "transformers", "tags": ["merge", "mergekit-subspace", report["method"]]}
+    per_task = {
+        name: ", ".join(f"{key} {json.dumps(value)}" for key, value in params.items())
+        for name, params in report["task_parameters"].items()
+    }
+    head = label if label != "merged" else report["output"].get("heads")
+    recipe = report.get("recipe")
+    rows = [
+        ("base model", f"`{base}`" + ("" if hub_id else " (a local folder)")),
+        (
+            "tasks merged",
+            ", ".join(f"`{name}` ({per_task[name]})" for name in report["tasks"]),
+        ),
+        ("method", f"`{report['method']}` ({report['reference']})"),
+        ("parameters", f"`{json.dumps(report['parameters'], sort_keys=True)}`"),
+        ("lambda", f"{report['lambda']:g} ({report['lambda_source']})"),
+        ("head", f"task `{head}`'s" if head not in (None, "none") else "the base's"),
+        ("tasks from", f"`{report['source']}`"),
+        ("made with", f"`mergekit-subspace merge {recipe}`" if recipe else "`merge(...)` from Python"),
+        ("tool", f"mergekit-subspace {__version__}"),
+        ("weights", f"{len(details['shards'])} safetensors file(s), {details['bytes']:,} bytes"),
+    ]
+    intro = (
+        f"The base model with {len(report['tasks'])} task(s) merged into its weights by mergekit-subspace "
+        f"(`{report['method']}` on each layer's cores in a shared low-rank basis), as a plain Hugging Face "
+        "model folder: it loads as the base does, without PEFT or mergekit-subspace. merge_report.json "
+        "beside it has every number of the merge."
+    )
+    title = f"Merge of {', '.join(report['tasks'])}"
+    return card_text(front, title, intro, rows, {}, _load_lines(folder))
+
+
+def write_model_card(folder: Path, report: dict[str, Any], label: str) -> None:
+    """Write README.md of the full model `label` into its (temporary) folder, after its files."""
+    (folder / CARD).write_text(merged_model_card(report, label, folder), encoding="utf-8")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mergekit_subspace.clusters import orthonormal_union
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SubspaceBasis
 from mergekit_subspace.io.checkpoint import Checkpoint
@@ -78,6 +79,13 @@ def from_store(path: str | Path, names: list[str] | None) -> CoreSet:
         tasks[name] = TaskInputs(name, dict(entry["peft_config"]), extras, entry["dtype"])
     used = sorted({m for c in cores.values() for m in c})
     bases = {m: tuple(t.to(COMPUTE_DTYPE) for t in store.basis(m)) for m in used}
+    for m in used:
+        if manifest["slots"][m].get("clusters"):  # clusters' bases side by side overlap: orthonormalize
+            holders = [name for name in wanted if m in cores[name]]
+            U, V, moved = orthonormal_union(*bases[m], [cores[name][m] for name in holders])
+            bases[m] = (U, V)
+            for name, core in zip(holders, moved, strict=True):
+                cores[name][m] = core
     shapes = {m: tuple(manifest["slots"][m]["shape"]) for m in used}
     base = manifest.get("base_model") or {}
     return CoreSet(

@@ -4,7 +4,8 @@ Every task's core C_t (k_out x k_in) lives in the same slot basis (U, V), so a m
 small matrices; the pipeline turns the merged core into PEFT factors with U C_m V^T never formed. Because U
 and V are orthonormal, the spectral methods (tsv, iso_c, iso_cts) give exactly what they give on the full
 deltas when the basis holds the tasks exactly. The entry-wise methods (ties, dare_*) act on core entries,
-i.e. in the shared singular coordinates (as KnOTS / Core Space merging do), not on raw weight entries.
+i.e. in the shared singular coordinates, not on raw weight entries; knots_* and core_* (subspace_methods.py)
+first re-align the cores to a basis of the merged tasks' own, as KnOTS and Core Space merging do.
 
 A task absent from a slot has a zero delta there; the functions receive a zero core for it. Each function
 returns the merged core before the global `lambda`, which the pipeline applies (every method is linear in it).
@@ -357,3 +358,7 @@ register(
 def describe_methods() -> str:
     """One line per method with its reference, for --help and the docs."""
     return "\n".join(f"{m.name}: {m.summary}. {m.reference}" for m in METHODS.values())
+
+
+# KnOTS and Core Space merging register themselves after the methods they build on.
+from mergekit_subspace.merge import subspace_methods  # noqa: E402, F401

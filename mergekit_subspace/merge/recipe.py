@@ -8,7 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergekit_subspace import hub
 from mergekit_subspace.errors import SubspaceError
+from mergekit_subspace.merge import mergekit_format
 from mergekit_subspace.merge.methods import METHODS, get_method
 from mergekit_subspace.merge.params import ParamValue, Scalar, gradients_of, to_jsonable, values_of
 from mergekit_subspace.recipe import (
@@ -26,6 +28,7 @@ _SIZE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMGT]?)i?B?\s*$", re.IGNO
 # Weights and lambda scale a delta: beyond this a merge only overflows (float16 holds up to 65504).
 MAX_SCALE = 1000.0
 MAX_SEED = 2**53  # seeds are read as float; above this they are no longer exact integers
+AUTO = "auto"  # merge_method: auto tries candidate methods on the validation data (merge/run.py)
 
 
 class Strict(BaseModel):
@@ -115,14 +118,31 @@ class MergeRecipe(Strict):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+    auto_methods: list[str] | None = None  # candidates of merge_method: auto (default: every method)
 
     @field_validator("merge_method")
     @classmethod
     def known_method(cls, value: str) -> str:
+        if value == AUTO:
+            return value
         try:
             get_method(value)
         except KeyError as exc:
             raise ValueError(str(exc.args[0])) from exc
+        return value
+
+    @field_validator("auto_methods")
+    @classmethod
+    def known_candidates(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("the list is empty; name at least one method or leave it out to try all")
+        for name in value or []:
+            try:
+                get_method(name)
+            except KeyError as exc:
+                raise ValueError(str(exc.args[0])) from exc
+        if value is not None and len(set(value)) < len(value):
+            raise ValueError("lists a method twice")
         return value
 
     @field_validator("adapters", mode="before")
@@ -136,10 +156,15 @@ class MergeRecipe(Strict):
             raise ValueError("give exactly one source: `store:` or `adapters:`")
         if self.subspace is not None and self.store:
             raise ValueError("`subspace:` only applies to `adapters:` (a store already has its basis)")
-        method = METHODS[self.merge_method]
-        shared = {"lambda", *method.shared_parameters}
+        if self.auto_methods is not None and self.merge_method != AUTO:
+            raise ValueError("`auto_methods:` only applies to merge_method: auto")
+        if self.merge_method == AUTO and not self.uses_validation:
+            raise ValueError("merge_method: auto needs validation data: give `validation:` for a task")
+        methods = [METHODS[name] for name in self.candidates]
+        accepted = tuple(dict.fromkeys(p for m in methods for p in m.parameters))
+        shared = {"lambda", *(p for m in methods for p in m.shared_parameters)}
         for key, value in self.parameters.items():
-            _check_known(method.name, key, method.parameters)
+            _check_known(self.merge_method, key, accepted)
             if key in shared and not isinstance(value, (int, float)):
                 raise ValueError(f"parameters.{key} is one number for the whole merge")
             _check_value(key, value, f"parameters.{key}")
@@ -152,7 +177,7 @@ class MergeRecipe(Strict):
                 value = task.parameter(key)
                 if value is None:
                     continue
-                _check_known(method.name, key, method.parameters)
+                _check_known(self.merge_method, key, accepted)
                 if key in shared:
                     raise ValueError(
                         f"task '{task.name}': {key} is global; set it under top-level `parameters`"
@@ -174,6 +199,13 @@ class MergeRecipe(Strict):
         paths += [path for path, _, _ in expand_entries(self.adapters, recipe_path)]
         paths += [t.validation for t in self.tasks or [] if t.validation]
         return paths
+
+    @property
+    def candidates(self) -> list[str]:
+        """The methods to run: merge_method, or for auto the `auto_methods` (default: every registered one)."""
+        if self.merge_method != AUTO:
+            return [self.merge_method]
+        return list(self.auto_methods or METHODS)
 
     @property
     def uses_validation(self) -> bool:
@@ -211,7 +243,10 @@ def parse_merge_recipe(path: str | Path) -> MergeRecipe:
 
 
 def merge_recipe_from_dict(data: dict, where: str | Path | None = None) -> MergeRecipe:
+    data = mergekit_format.convert(data, where)  # a mergekit config as it is -> our recipe; ours unchanged
     try:
-        return MergeRecipe.model_validate(data)
+        recipe = MergeRecipe.model_validate(data)
     except ValidationError as exc:
         raise SubspaceError(_pydantic_message(exc), where) from exc
+    recipe.base_model = hub.resolve_optional(recipe.base_model, where)
+    return recipe

@@ -27,16 +27,17 @@ from mergekit_subspace.io.files import atomic_directory, check_output, json_byte
 from mergekit_subspace.io.peft import write_lora_adapter
 from mergekit_subspace.lowrank import core_to_factors
 from mergekit_subspace.merge import inputs as merge_inputs
-from mergekit_subspace.merge.full import write_full_model
-from mergekit_subspace.merge.methods import METHODS, SlotInputs, numerical_rank
+from mergekit_subspace.merge.full import write_full_model, write_model_card
+from mergekit_subspace.merge.methods import METHODS, MergeMethod, SlotInputs, numerical_rank
 from mergekit_subspace.merge.params import count_layers, gradients_of, resolve, to_jsonable
 from mergekit_subspace.merge.recipe import (
+    AUTO,
     MergeRecipe,
     merge_recipe_from_dict,
     parse_merge_recipe,
     parse_size,
 )
-from mergekit_subspace.merge.select import Scorer, ValidationData, choose, load_validation
+from mergekit_subspace.merge.select import Scorer, ValidationData, choose, choose_method, load_validation
 
 REPORT = "merge_report.json"
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -92,9 +93,9 @@ def _parameter(recipe: MergeRecipe, task: str, key: str) -> Any:
 
 def _check_gradients(recipe: MergeRecipe, names: list[str], num_layers: int, where: str) -> None:
     """A gradient spreads its points over the layers: more points than layers cannot be placed."""
-    method = METHODS[recipe.merge_method]
+    keys = dict.fromkeys(key for m in recipe.candidates for key in METHODS[m].task_parameters)
     for task in names:
-        for key in method.task_parameters:
+        for key in keys:
             value = _parameter(recipe, task, key)
             for gradient in gradients_of(value) if value is not None else []:
                 if len(gradient) > 1 and len(gradient) > max(num_layers, 1):
@@ -110,10 +111,17 @@ def _slot_seed(seed: int, module: str) -> int:
 
 
 def merge_slots(
-    recipe: MergeRecipe, cores: merge_inputs.CoreSet, names: list[str], num_layers: int
+    recipe: MergeRecipe,
+    cores: merge_inputs.CoreSet,
+    names: list[str],
+    num_layers: int,
+    method_name: str | None = None,
 ) -> MergedSlots:
-    """One merged core per slot, then its PEFT factors at the output rank (lambda not yet applied)."""
-    method = METHODS[recipe.merge_method]
+    """One merged core per slot, then its PEFT factors at the output rank (lambda not yet applied).
+
+    `method_name` is one of the recipe's candidates (default: its merge_method).
+    """
+    method = METHODS[method_name or recipe.merge_method]
     options = {
         key: float(recipe.parameters.get(key, default)) for key, default in method.shared_parameters.items()
     }
@@ -181,19 +189,23 @@ def _outputs(recipe: MergeRecipe, names: list[str], where: str) -> list[tuple[st
     return [("merged", _head_task(recipe, names, where))]
 
 
+def _scorer(recipe: MergeRecipe, base_model: str | None, where: str) -> Scorer:
+    if base_model is None:
+        raise SubspaceError("validation needs the base model folder: set `base_model:` in the recipe", where)
+    return Scorer(base_model, batch_size=recipe.validation.batch_size)
+
+
 def _validate_lambda(
     recipe: MergeRecipe,
     cores: merge_inputs.CoreSet,
     names: list[str],
     merged: MergedSlots,
     data: dict[str, ValidationData],
-    base_model: str | None,
+    scorer: Scorer,
     where: str,
+    progress: tqdm,
 ) -> tuple[float, dict[str, Any]]:
     """Score every task with validation data over the lambda grid; the best mean wins."""
-    if base_model is None:
-        raise SubspaceError("validation needs the base model folder: set `base_model:` in the recipe", where)
-    scorer = Scorer(base_model, batch_size=recipe.validation.batch_size)
     grid = list(recipe.validation.lambda_grid)
     head_task = None if recipe.output.heads == "per_task" else _head_task(recipe, names, where)
     per_task: dict[str, list[float]] = {}
@@ -207,7 +219,7 @@ def _validate_lambda(
                 extras,
                 _adapter_config(cores, head, names),
             )
-            per_task[name] = scorer.grid(folder, examples, grid)
+            per_task[name] = scorer.grid(folder, examples, grid, progress)
     means = [sum(scores[i] for scores in per_task.values()) / len(per_task) for i in range(len(grid))]
     chosen = choose(grid, means)
     return chosen, {
@@ -221,8 +233,79 @@ def _validate_lambda(
     }
 
 
+@dataclass
+class Pick:
+    """The merge to write: its method, merged slots, lambda, validation record, and auto's whole table."""
+
+    method: str
+    merged: MergedSlots
+    lambda_: float
+    validation: dict[str, Any] | None = None
+    auto: dict[str, Any] | None = None
+
+
+def _merge_and_choose(
+    recipe: MergeRecipe,
+    cores: merge_inputs.CoreSet,
+    names: list[str],
+    num_layers: int,
+    data: dict[str, ValidationData],
+    base_model: str | None,
+    where: str,
+    progress: bool,
+    seconds: dict[str, float],
+) -> Pick:
+    """Merge with each candidate method (one unless merge_method is auto), score each over the lambda grid
+    and keep the best; only the best merge so far is held, so auto costs no more memory than one merge."""
+    if not data:
+        clock = time.perf_counter()
+        merged = merge_slots(recipe, cores, names, num_layers)
+        seconds["merge"] = time.perf_counter() - clock
+        return Pick(recipe.merge_method, merged, float(recipe.parameters.get("lambda", 1.0)))  # type: ignore[arg-type]
+    scorer = _scorer(recipe, base_model, where)
+    grid = list(recipe.validation.lambda_grid)
+    best: dict[str, float] = {}
+    table: list[dict[str, Any]] = []
+    timings: dict[str, dict[str, float]] = {}
+    pick: Pick | None = None
+    for name in recipe.candidates:
+        clock = time.perf_counter()
+        merged = merge_slots(recipe, cores, names, num_layers, name)
+        timings[name] = {"merge": time.perf_counter() - clock}
+        clock = time.perf_counter()
+        bar = tqdm(total=len(data) * len(grid), desc=f"validate {name}", disable=None if progress else True)
+        with bar:
+            chosen, validation = _validate_lambda(recipe, cores, names, merged, data, scorer, where, bar)
+        timings[name]["validation"] = time.perf_counter() - clock
+        best[name] = max(validation["mean_scores"])
+        table += [
+            {
+                "method": name,
+                "lambda": value,
+                "score": validation["mean_scores"][i],
+                "task_scores": {task: scores[i] for task, scores in validation["task_scores"].items()},
+            }
+            for i, value in enumerate(grid)
+        ]
+        if choose_method(best) == name:
+            pick = Pick(name, merged, chosen, validation)
+    assert pick is not None
+    seconds["merge"] = sum(t["merge"] for t in timings.values())
+    seconds["validation"] = sum(t["validation"] for t in timings.values())
+    if recipe.merge_method == AUTO:
+        pick.auto = {
+            "candidates": list(recipe.candidates),
+            "chosen": {"method": pick.method, "lambda": pick.lambda_, "score": best[pick.method]},
+            "best_scores": best,
+            "table": table,
+            "seconds": timings,
+        }
+    return pick
+
+
 def _report(
     recipe: MergeRecipe,
+    method: MergeMethod,
     recipe_path: Path | None,
     cores: merge_inputs.CoreSet,
     names: list[str],
@@ -233,7 +316,6 @@ def _report(
     folders: dict[str, str],
     num_layers: int,
 ) -> dict[str, Any]:
-    method = METHODS[recipe.merge_method]
     shared = {key: recipe.parameters.get(key, default) for key, default in method.shared_parameters.items()}
     return {
         "method": method.name,
@@ -337,18 +419,9 @@ def merge(
     _check_gradients(recipe, names, num_layers, where)
     seconds["load" if recipe.store else "project"] = time.perf_counter() - clock
 
-    # ---- merge ----
-    clock = time.perf_counter()
-    merged = merge_slots(recipe, cores, names, num_layers)
-    seconds["merge"] = time.perf_counter() - clock
-
-    # ---- lambda ----
-    validation = None
-    chosen = float(recipe.parameters.get("lambda", 1.0))  # type: ignore[arg-type]
-    if data:
-        clock = time.perf_counter()
-        chosen, validation = _validate_lambda(recipe, cores, names, merged, data, base_model, where)
-        seconds["validation"] = time.perf_counter() - clock
+    # ---- merge, and choose lambda (and for auto the method) on the validation data ----
+    pick = _merge_and_choose(recipe, cores, names, num_layers, data, base_model, where, progress, seconds)
+    merged, chosen = pick.merged, pick.lambda_
 
     # ---- write ----
     clock = time.perf_counter()
@@ -387,10 +460,24 @@ def merge(
         seconds["write"] = time.perf_counter() - clock
         seconds["total"] = time.perf_counter() - started
         report = _report(
-            recipe, recipe_path, cores, names, chosen, validation, merged, seconds, folders, num_layers
+            recipe,
+            METHODS[pick.method],
+            recipe_path,
+            cores,
+            names,
+            chosen,
+            pick.validation,
+            merged,
+            seconds,
+            folders,
+            num_layers,
         )
+        if pick.auto is not None:
+            report["auto"] = pick.auto
         if full_details:
             report["full"] = full_details
+            for label in full_details:
+                write_model_card(tmp if label == "merged" else tmp / label, report, label)
         (tmp / REPORT).write_bytes(json_bytes(_finite(report)))
     return MergeResult(out=target, folders={k: Path(v) for k, v in folders.items()}, report=report)
 

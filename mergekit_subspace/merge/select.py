@@ -1,4 +1,4 @@
-"""Choose lambda on validation data: each task's merged adapter, loaded through PEFT, scored over a grid.
+"""Choose lambda (and for merge_method: auto, the method) on validation data, scored through PEFT.
 
 Every method's merged core is linear in lambda, so one written folder per task serves the whole grid: the
 folder is written at lambda = 1 and loaded once with PeftModel.from_pretrained, and each grid point sets the
@@ -12,11 +12,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.eval.data import load_classification_jsonl, load_exact_match_jsonl
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @dataclass
@@ -114,8 +118,10 @@ class Scorer:
             )
         return self._cache[key]
 
-    def grid(self, adapter_dir: Path, data: ValidationData, grid: list[float]) -> list[float]:
-        """Score of the folder at each lambda of the grid."""
+    def grid(
+        self, adapter_dir: Path, data: ValidationData, grid: list[float], progress: tqdm | None = None
+    ) -> list[float]:
+        """Score of the folder at each lambda of the grid; `progress` (a tqdm bar) advances per point."""
         from peft import PeftModel
 
         from mergekit_subspace.eval.metrics import exact_match_accuracy
@@ -140,6 +146,8 @@ class Scorer:
             else:
                 score = self._classification_accuracy(model, data.examples)
             scores.append(score)
+            if progress is not None:
+                progress.update(1)
         return scores
 
 
@@ -148,3 +156,9 @@ def choose(grid: list[float], mean_scores: list[float]) -> float:
     best = max(mean_scores)
     candidates = [g for g, s in zip(grid, mean_scores, strict=True) if s >= best - 1e-12]
     return min(candidates, key=lambda g: (abs(math.log(abs(g))) if g != 0 else math.inf, g))
+
+
+def choose_method(best_scores: dict[str, float]) -> str:
+    """The candidate with the best mean score at its own best lambda; among equals the first one listed."""
+    best = max(best_scores.values())
+    return next(name for name, score in best_scores.items() if score >= best - 1e-12)

@@ -22,7 +22,12 @@ SWITCH_INTERVAL_S = 0.001
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("store", type=click.Path(file_okay=False))
-@click.option("--base", "base", required=True, type=click.Path(file_okay=False), help="Base model folder.")
+@click.option(
+    "--base",
+    "base",
+    type=click.Path(file_okay=False),
+    help="Base model folder or cached hub id (default: the base the store's manifest records).",
+)
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer folder (default: --base).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
@@ -86,7 +91,7 @@ SWITCH_INTERVAL_S = 0.001
 @friendly
 def serve(
     store: str,
-    base: str,
+    base: str | None,
     tokenizer: str | None,
     host: str,
     port: int,
@@ -109,9 +114,15 @@ def serve(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     limits = Limits(max_body_bytes, header_timeout, body_timeout, keep_alive_timeout)
+    from mergekit_subspace.hub import store_base
+    from mergekit_subspace.subspace import SubspaceStore
+
+    base_path, note = store_base(SubspaceStore(store).manifest.get("base_model"), base, store)
+    if note:
+        click.echo(note, err=True)
     app = build_app(
         store,
-        base,
+        str(base_path),
         tokenizer=tokenizer,
         quantize=quantize,
         dtype=dtype,
@@ -162,6 +173,7 @@ def build_app(
     """
     import torch
 
+    from mergekit_subspace.hub import resolve
     from mergekit_subspace.serve.app import create_app
     from mergekit_subspace.serve.batching import Batcher
     from mergekit_subspace.serve.engine import Engine
@@ -169,6 +181,7 @@ def build_app(
 
     if threads:
         torch.set_num_threads(threads)
+    base = str(resolve(base))  # a hub id is read from the local Hugging Face cache
     served, kind = load_served(
         store, base, quantize=quantize, dtype=getattr(torch, dtype), base_name=base_name
     )
