@@ -22,12 +22,14 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks import merge_peers
+from benchmarks.merge_peers import mergekit_merge, peft_merge, worker_loop
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,23 +52,6 @@ THREADS = 1
 
 
 # ---------------------------------------------------------------------------------------------- workers
-
-
-def _status_mb(field: str) -> float:
-    """VmHWM / VmRSS of this process from /proc (ru_maxrss would include the parent's peak after fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM (Linux >= 4.0), so each merge in one worker gets its own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _write_with_heads(src: Path, adapters: list[Path], out: Path) -> None:
@@ -107,67 +92,14 @@ def worker_ours(job: dict[str, Any]) -> dict[str, Any]:
     return {"merge_s": seconds["merge"], "end_to_end_s": seconds["total"], "phases": seconds}
 
 
-def _dense_to_factors(delta, rank_tol: float = 1e-5):
-    import torch
-
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    rank = max(1, int((rank_tol * S[0] < S).sum())) if float(S[0]) > 0 else 1
-    root = S[:rank].sqrt()
-    return (U[:, :rank] * root).float(), (root[:, None] * Vh[:rank]).float()
-
-
 def worker_mergekit(job: dict[str, Any]) -> dict[str, Any]:
-    """mergekit on full weights of the adapted modules: W_i = W_base + D_i materialized, merged, exported."""
-    import torch
-    from mergekit.merge_methods.api import merge_state_dicts
-    from safetensors.torch import save_file
-
-    from mergekit_subspace.io.checkpoint import Checkpoint
-    from mergekit_subspace.io.peft import read_lora_adapter, write_lora_adapter
-
-    start = time.perf_counter()
-    adapters = [read_lora_adapter(p) for p in job["adapters"]]
-    base = Checkpoint(job["base"])
-    modules = sorted({m for a in adapters for m in a.slots})
-    keys = {m: base.resolve_module(m) for m in modules}
-    base_sd = {m: base.tensor(keys[m]).float() for m in modules}
-    models: dict[str, dict[str, torch.Tensor]] = {"base": base_sd}
-    for i, adapter in enumerate(adapters):
-        models[f"t{i}"] = {
-            m: base_sd[m] + adapter.slots[m].to_dense().float() if m in adapter.slots else base_sd[m].clone()
-            for m in modules
-        }
-    materialized = time.perf_counter()
-    params: dict[str, Any] = {"weight": 1.0, "lambda": 1.0}
-    if job["method"] != "task_arithmetic":
-        params["density"] = DENSITY
-    torch.manual_seed(0)
-    with torch.no_grad():
-        merged = merge_state_dicts(models, job["method"], parameters=params, base="base")
-    merged_at = time.perf_counter()
+    """mergekit on full weights of the adapted modules, then (not timed) each task's head re-attached."""
     with tempfile.TemporaryDirectory() as tmp:
-        # mergekit's own output: the merged weights as safetensors (timed, like our PEFT write)
-        save_file({m: merged[m].contiguous() for m in modules}, Path(tmp) / "merged.safetensors")
-        written = time.perf_counter()
-        if not job.get("export", True):
-            return _mergekit_timing(start, materialized, merged_at, written)
-        # for the per-task-head evaluation only (not timed): the merged delta as an exact PEFT folder
-        factors = {m: _dense_to_factors(merged[m].double() - base_sd[m].double()) for m in modules}
-        write_lora_adapter(Path(tmp) / "merged", factors, {}, dict(adapters[0].config, modules_to_save=None))
-        _write_with_heads(Path(tmp) / "merged", [Path(p) for p in job["adapters"]], Path(job["out"]))
-    return _mergekit_timing(start, materialized, merged_at, written)
-
-
-def _mergekit_timing(start: float, materialized: float, merged_at: float, written: float) -> dict[str, Any]:
-    return {
-        "merge_s": merged_at - materialized,
-        "end_to_end_s": written - start,
-        "phases": {
-            "read_and_materialize": materialized - start,
-            "merge": merged_at - materialized,
-            "write": written - merged_at,
-        },
-    }
+        merged = Path(tmp) / "merged" if job.get("export", True) else None
+        timing = mergekit_merge(job["adapters"], job["base"], job["method"], DENSITY, merged)
+        if merged is not None:
+            _write_with_heads(merged, [Path(p) for p in job["adapters"]], Path(job["out"]))
+    return timing
 
 
 def _strip_head(src: Path, dst: Path) -> None:
@@ -184,39 +116,29 @@ def _strip_head(src: Path, dst: Path) -> None:
 
 def worker_peft(job: dict[str, Any]) -> dict[str, Any]:
     """PEFT add_weighted_adapter on the same adapters (heads stripped, then each task's head re-attached)."""
-    import torch
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    start = time.perf_counter()
     adapters = [Path(p) for p in job["adapters"]]
     with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
         stripped = []
         for path in adapters:
             _strip_head(path, Path(tmp) / "in" / path.name)
-            stripped.append(Path(tmp) / "in" / path.name)
-        model = AutoModelForSequenceClassification.from_pretrained(job["base"], num_labels=job["num_labels"])
-        names = [p.name for p in stripped]
-        peft_model = PeftModel.from_pretrained(model, str(stripped[0]), adapter_name=names[0])
-        for name, path in zip(names[1:], stripped[1:], strict=True):
-            peft_model.load_adapter(str(path), adapter_name=name)
-        loaded = time.perf_counter()
-        kwargs: dict[str, Any] = {}
-        if job["method"] == "ties_svd":
-            kwargs["density"] = DENSITY
-        with torch.no_grad():
-            peft_model.add_weighted_adapter(
-                names, [1.0] * len(names), "merged", combination_type=job["method"], **kwargs
-            )
-        merged_at = time.perf_counter()
-        peft_model.save_pretrained(Path(tmp) / "saved", selected_adapters=["merged"])
+            stripped.append(str(Path(tmp) / "in" / path.name))
+        stripped_s = time.perf_counter() - start
+        timing = peft_merge(
+            stripped,
+            lambda: AutoModelForSequenceClassification.from_pretrained(
+                job["base"], num_labels=job["num_labels"]
+            ),
+            job["method"],
+            DENSITY,
+            Path(tmp) / "saved",
+        )
         _write_with_heads(Path(tmp) / "saved" / "merged", adapters, Path(job["out"]))
-    end = time.perf_counter()
-    return {
-        "merge_s": merged_at - loaded,
-        "end_to_end_s": end - start,
-        "phases": {"load": loaded - start, "merge": merged_at - loaded, "save": end - merged_at},
-    }
+    timing["end_to_end_s"] += stripped_s
+    timing["phases"]["load"] += stripped_s
+    return timing
 
 
 WORKERS = {"ours": worker_ours, "mergekit": worker_mergekit, "peft": worker_peft}
@@ -227,40 +149,12 @@ def worker_main(job_path: str) -> None:
     import torch
 
     torch.set_num_threads(THREADS)
-    job = json.loads(Path(job_path).read_text())
-    baseline = _status_mb("VmRSS")
-    results = []
-    for part in job["runs"]:
-        before = _status_mb("VmRSS")
-        reset = _reset_peak()
-        result = WORKERS[job["family"]](job | part)
-        results.append(
-            result
-            | {
-                "method": part["method"],
-                "size": part["size"],
-                "peak_rss_mb": _status_mb("VmHWM"),
-                "rss_before_mb": before,
-                "baseline_rss_mb": baseline,
-                "peak_reset": reset,
-            }
-        )
-    Path(job["result"]).write_text(json.dumps(results))
+    worker_loop(json.loads(Path(job_path).read_text()), WORKERS)
 
 
 def run_worker(job: dict[str, Any], work: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """Run one family's merges in a fresh interpreter, so import costs and memory are not shared."""
-    job_file = work / f"job-{job['family']}.json"
-    job["result"] = str(job_file.with_suffix(".result.json"))
-    job_file.write_text(json.dumps(job))
-    imports = "import torch, transformers, peft, mergekit_subspace.merge"
-    if job["family"] == "mergekit":
-        imports += ", mergekit.merge_methods.api"
-    code = f"{imports}; from benchmarks.merge_bench import worker_main; worker_main({str(job_file)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path.cwd())
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {job['family']} failed:\n{proc.stderr[-3000:]}")
-    return {(r["method"], r["size"]): r for r in json.loads(Path(job["result"]).read_text())}
+    return {(r["method"], r["size"]): r for r in merge_peers.run_worker(job, work, "benchmarks.merge_bench")}
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -594,8 +488,6 @@ def main(argv: list[str] | None = None) -> int:
             )
     summarize(rows, own)
 
-    from importlib.metadata import version
-
     import peft
     import transformers
 
@@ -606,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "peft": peft.__version__,
             "transformers": transformers.__version__,
-            "mergekit": version("mergekit"),
+            "mergekit": merge_peers.mergekit_version(),
         },
         "zoo": {
             "path": str(zoo),

@@ -34,6 +34,16 @@ def test_tasks_are_deterministic_with_disjoint_splits(tmp_path: Path) -> None:
     by_name = {t.name: t for t in tasks}
     assert all(int(y) == int(x) + 1 for x, y in by_name["successor"].test)
     assert {y for _, y in by_name["supersense"].train} <= set(decoder.SUPERSENSES)
+    assert all(y == x[-1] for x, y in by_name["last-letter"].test)
+    assert all(y == decoder._regular_plural(x) for x, y in by_name["plural"].test + by_name["plural"].train)
+
+
+def test_regular_plural_rules() -> None:
+    cases = {"city": "cities", "day": "days", "box": "boxes", "church": "churches", "dish": "dishes"}
+    assert {noun: decoder._regular_plural(noun) for noun in cases} == cases
+    assert decoder._regular_plural("cat") == "cats"
+    # spelling alone leaves these open (potatoes / pianos, buses / busses): never asked
+    assert [decoder._regular_plural(n) for n in ("potato", "bus", "quiz")] == [None, None, None]
 
 
 def test_unknown_task_is_refused() -> None:

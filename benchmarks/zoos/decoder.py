@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -348,6 +349,57 @@ def _pairs_first_letter(wordnet_dir: str | os.PathLike[str]) -> list[tuple[str, 
     return [(word, word[0]) for word in nouns]
 
 
+def _pairs_last_letter(wordnet_dir: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    nouns = sorted({word for word, _ in _pairs_supersense(wordnet_dir)})
+    return [(word, word[-1]) for word in nouns]
+
+
+def _regular_plural(noun: str) -> str | None:
+    """English's regular plural, or None where the spelling alone leaves it open (-o, -s, -z: tomatoes/pianos)."""
+    if noun.endswith(("o", "s", "z")):
+        return None
+    if noun.endswith("y") and noun[-2] not in "aeiou":
+        return noun[:-1] + "ies"
+    if noun.endswith(("ch", "sh", "x")):
+        return noun + "es"
+    return noun + "s"
+
+
+@functools.lru_cache(maxsize=8)
+def _gloss_words(wordnet_dir: str | os.PathLike[str]) -> frozenset[str]:
+    """Every lowercase word of WordNet's glosses and examples: real running English to check a form against."""
+    words: set[str] = set()
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in _data_lines(_wordnet_file(wordnet_dir, f"data.{pos}")):
+            gloss = line.split("|", 1)[1] if "|" in line else ""
+            words.update(re.findall(r"[a-z]+", gloss))
+    return frozenset(words)
+
+
+@functools.lru_cache(maxsize=8)
+def _pairs_plural(wordnet_dir: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """Common noun -> its regular plural, kept only where that plural occurs in WordNet's own glosses.
+
+    Nouns that ``noun.exc`` lists an irregular plural for are left out: the list mixes in
+    alternatives (formulae, genii, brethren) that would make answers ambiguous.  The gloss check
+    drops mass nouns and names (no "informations", no "pakistans").
+    """
+    irregular: set[str] = set()
+    with _wordnet_file(wordnet_dir, "noun.exc").open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) == 2:
+                irregular.add(fields[1])
+    seen = _gloss_words(wordnet_dir)
+    pairs = []
+    for noun in _tagged_counts(wordnet_dir, "noun"):
+        if _is_word(noun) and noun not in irregular:
+            plural = _regular_plural(noun)
+            if plural is not None and plural in seen:
+                pairs.append((noun, plural))
+    return _prefer_common(pairs, _tagged_counts(wordnet_dir, "noun"))
+
+
 # name -> (instruction, pair generator); the first four are the default zoo.
 TASKS: dict[str, tuple[str, Callable[[str | os.PathLike[str]], list[tuple[str, str]]]]] = {
     "successor": ("Give the next integer.", _pairs_successor),
@@ -360,6 +412,8 @@ TASKS: dict[str, tuple[str, Callable[[str | os.PathLike[str]], list[tuple[str, s
     "predecessor": ("Give the previous integer.", _pairs_predecessor),
     "addition": ("Add the two numbers.", _pairs_addition),
     "first-letter": ("Give the first letter of the word.", _pairs_first_letter),
+    "plural": ("Give the plural of the noun.", _pairs_plural),
+    "last-letter": ("Give the last letter of the word.", _pairs_last_letter),
 }
 
 
@@ -456,8 +510,9 @@ def train_lora(
     lr: float = DEFAULT_LR,
     extra_entry: dict[str, Any] | None = None,
     progress: bool = False,
+    evaluate: bool = True,
 ) -> dict[str, Any]:
-    """Train one CAUSAL_LM LoRA, save it, and score the saved folder reloaded through PEFT."""
+    """Train one CAUSAL_LM LoRA, save it, and (``evaluate``) score the saved folder reloaded through PEFT."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from tqdm.auto import tqdm
@@ -511,8 +566,10 @@ def train_lora(
     del model, base, opt
 
     eval_start = time.perf_counter()
-    with quiet_hf():
-        accuracy = exact_match_accuracy(base_dir, str(out), task.examples("test"))
+    accuracy = None
+    if evaluate:
+        with quiet_hf():
+            accuracy = exact_match_accuracy(base_dir, str(out), task.examples("test"))
     entry: dict[str, Any] = {
         "task": task.name,
         "instruction": task.instruction,
@@ -539,6 +596,10 @@ def train_lora(
     }
     (out / "zoo_entry.json").write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
     return entry
+
+
+def _score(value: float | None) -> str:
+    return "not evaluated" if value is None else f"{value:.3f}"
 
 
 def cache_key(task: DecoderTask, settings: dict[str, Any], base_key: str) -> str:
@@ -568,8 +629,15 @@ def build_decoder_zoo(
     n_train: int = DEFAULT_N_TRAIN,
     n_test: int = DEFAULT_N_TEST,
     wordnet_dir: str | os.PathLike[str] = DEFAULT_WORDNET_DIR,
+    evaluate: bool = True,
+    only: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Build (or resume) ``out_dir/adapters/<task>/`` + ``out_dir/eval/<task>.jsonl``; return the entries.
+
+    ``evaluate=False`` skips both exact-match evals (``accuracy`` / ``base_accuracy`` are None), for a
+    benchmark that scores the adapters on its own split anyway; it does not change the weights or the cache key.
+    ``only`` builds just those of the first ``n_adapters`` tasks, with the weights a full build gives them
+    (several builds into their own folders can then run side by side and their adapters be copied together).
 
     ``base_dir`` defaults to ``smollm2_path(cache_dir or out_dir)``.  Each entry carries the
     adapter's exact-match accuracy (its saved folder reloaded through PEFT) and ``base_accuracy``
@@ -587,8 +655,11 @@ def build_decoder_zoo(
         else file_sha256(Path(base_dir) / "model.safetensors")
     )
     tasks = make_tasks(n_adapters, n_train=n_train, n_test=n_test, seed=seed, wordnet_dir=wordnet_dir)
+    if only is not None:
+        tasks = [task for task in tasks if task.name in only]
 
-    def plan(index: int, task: DecoderTask) -> ZooItem:
+    def plan(_: int, task: DecoderTask) -> ZooItem:
+        index = list(TASKS).index(task.name)  # the seed follows the task, not its place in a partial build
         settings = {
             "r": r,
             "lora_alpha": lora_alpha,
@@ -602,7 +673,7 @@ def build_decoder_zoo(
         def train(tmp: Path, status: Callable[[str], None]) -> dict[str, Any]:
             status(f"{task.name}: base-only eval")
             start = time.perf_counter()
-            base_acc = base_accuracy(base_dir, task)
+            base_acc = base_accuracy(base_dir, task) if evaluate else None
             base_seconds = round(time.perf_counter() - start, 2)
             status(f"{task.name}: training")
             extra = {
@@ -611,7 +682,9 @@ def build_decoder_zoo(
                 "base_accuracy": base_acc,
                 "base_eval_seconds": base_seconds,
             }
-            return train_lora(task, tmp, base_dir, **settings, progress=progress, extra_entry=extra)
+            return train_lora(
+                task, tmp, base_dir, **settings, progress=progress, extra_entry=extra, evaluate=evaluate
+            )
 
         return ZooItem(key, write_eval_jsonl(task, root / "eval" / f"{task.name}.jsonl"), train)
 
@@ -634,7 +707,7 @@ def build_decoder_zoo(
             "seed",
         ),
         postfix=lambda task, entry: (
-            f"{task.name} acc={entry['accuracy']:.2f} base={entry['base_accuracy']:.2f}"
+            f"{task.name} acc={_score(entry['accuracy'])} base={_score(entry['base_accuracy'])}"
         ),
         summary={
             "base_model_name_or_path": base_dir,
@@ -652,11 +725,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="zoo folder (created; reused as a cache)")
     parser.add_argument("--n", type=int, default=4, help=f"number of adapters (at most {len(TASKS)})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--n-test", type=int, default=DEFAULT_N_TEST, help="held-out prompts per task")
     parser.add_argument("--base", default=None, help="an HF SmolLM2 folder (default: converted into --cache)")
     parser.add_argument("--cache", default=None, help="where the converted base goes (default: --out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wordnet-dir", default=DEFAULT_WORDNET_DIR)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--only", nargs="+", metavar="TASK", help="build only these of the first --n tasks")
+    parser.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="skip the adapter and base-only evals (a benchmark scores them)",
+    )
     args = parser.parse_args(argv)
     entries = build_decoder_zoo(
         args.out,
@@ -666,10 +746,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_dir=args.base,
         cache_dir=args.cache,
         steps=args.steps,
+        n_test=args.n_test,
         wordnet_dir=args.wordnet_dir,
+        evaluate=not args.no_eval,
+        only=args.only,
     )
     for e in entries:
-        print(f"{e['name']}: adapter {e['accuracy']:.3f}, base {e['base_accuracy']:.3f}", file=sys.stderr)
+        print(
+            f"{e['name']}: adapter {_score(e['accuracy'])}, base {_score(e['base_accuracy'])}",
+            file=sys.stderr,
+        )
     return 0
 
 
