@@ -33,12 +33,27 @@ WORDS = [f"w{i}" for i in range(100)]
 
 def _save_word_tokenizer(folder: Path, vocab_size: int) -> None:
     """A WordPiece tokenizer over the words w0..w99, so text evaluators run on the tiny BERT."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = (specials + WORDS)[:vocab_size]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    # built from the tokenizers library: transformers 5 ignores a bare vocab_file here, and every word
+    # would read as [UNK]
+    words = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=words,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    tokenizer.save_pretrained(folder)
+    loaded = BertTokenizerFast.from_pretrained(folder)
+    assert loaded("w3 w50")["input_ids"] == [2, 8, 55, 3], "the test tokenizer must know its words"
 
 
 @pytest.fixture(scope="session")

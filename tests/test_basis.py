@@ -1,4 +1,4 @@
-"""The math of DESIGN.md on factored deltas: norms, gauge-freedom, exactness, k selection, refinement."""
+"""The math of docs/math.md on factored deltas: norms, gauge-freedom, exactness, k selection, refinement."""
 
 from __future__ import annotations
 

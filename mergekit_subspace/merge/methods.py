@@ -349,7 +349,7 @@ register(
         "mean",
         mean,
         "plain mean of the task deltas (the mean-adapter baseline; weights not used)",
-        "baseline of DESIGN.md (no paper)",
+        "the mean-adapter baseline of every benchmark (no paper)",
         task_parameters=(),
     )
 )
