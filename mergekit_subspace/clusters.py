@@ -148,6 +148,23 @@ def _task_errors(task: TaskSource, fit: SubspaceBasis) -> tuple[float, float]:
     return err, norm
 
 
+def _fit_each(
+    tasks: list[TaskSource],
+    labels: list[int],
+    count: int,
+    settings: SubspaceSettings,
+    base: Checkpoint | None,
+    device: str,
+) -> list[SubspaceBasis]:
+    """One basis per cluster, fit on its members."""
+    return [
+        SubspaceBasis(settings, device=device).fit(
+            [t for t, c in zip(tasks, labels, strict=True) if c == k], base
+        )
+        for k in range(count)
+    ]
+
+
 def _plain(settings: SubspaceSettings) -> SubspaceSettings:
     return settings.model_copy(update={"clusters": None})
 
@@ -176,12 +193,7 @@ def fit_clusters(
         total=MAX_ITERS, desc="fit clusters", unit="round", disable=None if progress else True, leave=False
     )
     for iteration in range(1, MAX_ITERS + 1):
-        fits = [
-            SubspaceBasis(plain, device=device).fit(
-                [t for t, c in zip(tasks, labels, strict=True) if c == k], base
-            )
-            for k in range(count)
-        ]
+        fits = _fit_each(tasks, labels, count, plain, base, device)
         table = [[_task_errors(t, f) for f in fits] for t in tasks]
         rel = [[math.sqrt(e / n) if n else 0.0 for e, n in row] for row in table]
         new = [min(range(count), key=lambda k, r=r: r[k]) for r in rel]
@@ -198,12 +210,7 @@ def fit_clusters(
     bar.close()
     if new != labels:  # out of rounds: the last move still needs its bases
         labels = new
-        fits = [
-            SubspaceBasis(plain, device=device).fit(
-                [t for t, c in zip(tasks, labels, strict=True) if c == k], base
-            )
-            for k in range(count)
-        ]
+        fits = _fit_each(tasks, labels, count, plain, base, device)
         rel = [[math.sqrt(e / n) if n else 0.0 for e, n in (_task_errors(t, f) for f in fits)] for t in tasks]
     return ClusterFit(
         labels=dict(zip(names, labels, strict=True)),
@@ -330,6 +337,7 @@ def compress_clustered(
     per_slot: dict[str, tuple[dict, dict]] = {}
     slot_notes: dict[str, dict[str, Any]] = {}
     captured: dict[str, float] = {}
+    unions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module in tqdm(sorted(shapes), desc="encode slots", disable=None if progress else True, leave=False):
         union = union_slot(fit, module)
         file_tensors, readback = basis_tensors({module: (union.U, union.V)}, dtype)
@@ -345,9 +353,10 @@ def compress_clustered(
             err += slot.err_sq
             norm += slot.norm_sq
         per_slot[module] = (file_tensors, encoded)
+        unions[module] = (union.U, union.V)
         slot_notes[module] = {"clusters": union.blocks}
         captured[module] = 1.0 - err / norm if norm else 1.0
-    union_fit = _union_fitted(fit, shapes, per_slot, captured, settings)
+    union_fit = _union_fitted(fit, unions, shapes, per_slot, captured, settings)
     ranks = parallel.current(device)
     _hash_sources(tasks, ranks, progress)
     task_notes = {name: {"cluster": c} for name, c in fit.labels.items()}
@@ -363,6 +372,7 @@ def compress_clustered(
 
 def _union_fitted(
     fit: ClusterFit,
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
     shapes: dict[str, tuple[int, int]],
     per_slot: dict[str, tuple[dict, dict]],
     captured: dict[str, float],
@@ -370,10 +380,6 @@ def _union_fitted(
 ) -> SubspaceBasis:
     """The store's per-slot statistics as a fitted SubspaceBasis over the union bases (what the store
     writer reads): widths, members, captured energy as stored, and the clusters' spectra concatenated."""
-    bases = {}
-    for module in shapes:
-        union = union_slot(fit, module)
-        bases[module] = (union.U, union.V)
     fitted = SubspaceBasis.from_bases(bases, shapes, settings)
     fitted.members_ = {m: sorted(per_slot[m][1]) for m in shapes}
     fitted.captured_energy_ = captured

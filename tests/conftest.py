@@ -118,13 +118,18 @@ def make_lora(
     peft_model = get_peft_model(
         model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), task_type=task_type, **config)
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _name, param in peft_model.named_parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    randomize_trainable(peft_model, seed, 0.2)
     peft_model.save_pretrained(out)
     return out
+
+
+def randomize_trainable(model: torch.nn.Module, seed: int, scale: float) -> None:
+    """Fill a PEFT model's trainable tensors (LoRA factors, heads) with seeded noise, as if trained."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def ids_for(base: Path) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_trainable
 
 from benchmarks.zoos.text import minilm_path
 from mergekit_subspace import __version__
@@ -28,11 +29,7 @@ def _minilm_lora(out: Path, seed: int) -> Path:
     model = get_peft_model(
         AutoModel.from_pretrained(MINILM), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"])
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    randomize_trainable(model, seed, 0.05)
     model.save_pretrained(out)
     return out
 
