@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.zoo_eval import normalized_se, run_and_write, zoo_names, zoo_parser, zoo_scorer
+from benchmarks.zoo_eval import normalized_se, per_task_bars, run_and_write, zoo_names, zoo_parser, zoo_scorer
 
 
 def _held_out(names: list[str], count: int) -> list[str]:
@@ -168,32 +168,18 @@ def report(results: dict[str, Any], out: Path) -> None:
         "source with fitted tasks); the bytes of the grown basis are counted once, against the task that grew it.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
-    methods = ("auto", "project", "mean_adapter", "base_head_only")
-    width = 0.2
-    for i, method in enumerate(methods):
-        ax.bar(
-            [j + i * width for j in range(len(rows))],
-            [r[method] / r["original"] for r in rows],
-            width,
-            label=method,
-        )
-    ax.axhline(0.98, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xticks([j + 1.5 * width for j in range(len(rows))])
-    ax.set_xticklabels([r["task"][:18] for r in rows], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("normalized accuracy")
-    ax.set_title("held-out tasks: add --policy auto vs projection only")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "add_policy.png", dpi=120)
+    per_task_bars(
+        [r["task"] for r in rows],
+        {
+            m: [r[m] / r["original"] for r in rows]
+            for m in ("auto", "project", "mean_adapter", "base_head_only")
+        },
+        out / "add_policy.png",
+        "normalized accuracy",
+        "held-out tasks: add --policy auto vs projection only",
+        line=0.98,
+    )
 
 
 def rewrite_report(out: Path) -> None:

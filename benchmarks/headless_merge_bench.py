@@ -304,8 +304,9 @@ def time_merges(
     paths: dict[str, str],
     base: str,
     work: Path,
+    module: str = MODULE,
 ) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Each tool's merges in one fresh interpreter: seconds, peak RSS, and the written folder."""
+    """Each tool's merges in one fresh interpreter (`module`'s worker_main): seconds, peak RSS, written folder."""
     tool_of = {"baseline": "ours", "ours": "ours", "mergekit": "mergekit", "peft": "peft"}
     timings: dict[tuple[str, str, str], dict[str, Any]] = {}
     for tool in dict.fromkeys(tool_of[f] for f, _ in todo):
@@ -323,11 +324,75 @@ def time_merges(
             for size, subset in subsets
         ]
         tick = time.perf_counter()
-        results = merge_peers.run_worker({"family": tool, "base": base, "runs": runs}, work, MODULE)
+        results = merge_peers.run_worker({"family": tool, "base": base, "runs": runs}, work, module)
         for run, result in zip(runs, results, strict=True):
             timings[(run["family"], run["method"], run["subset"])] = result
         print(f"{tool}: {len(runs)} merges timed ({time.perf_counter() - tick:.0f}s)", flush=True)
     return timings
+
+
+def score_row(
+    family: str,
+    method: str,
+    size: int,
+    subset: tuple[str, ...],
+    timing: dict[str, Any],
+    ev: Evaluator,
+    own: dict[str, float],
+    grid: list[float],
+    work: Path,
+    deltas: dict[str, list[tuple[dict, dict]]],
+) -> dict[str, Any]:
+    """One merge's row: lambda tuned on validation, test scores, normalized; its folder is removed after.
+
+    A delta equal to one already scored on the subset (in `deltas`, which this extends) reuses its scores.
+    """
+    tick = time.perf_counter()
+    key = "+".join(subset)
+    row: dict[str, Any] = {
+        "label": label_of(family, method),
+        "family": family,
+        "method": method,
+        "size": size,
+        "subset": key,
+    } | {k: v for k, v in timing.items() if k not in ("folder", "method", "size", "subset")}
+    if "error" in timing:
+        print(f"T={size} {row['label']} [{key}]: FAILED {timing['error']}", flush=True)
+        return row
+    folder = Path(timing["folder"])
+    delta = delta_of(folder)
+    same = next(
+        (
+            (prev, diff)
+            for prev, other in deltas.get(key, [])
+            if (diff := relative_difference(other, delta)) < SAME_DELTA
+        ),
+        None,
+    )
+    if family == "baseline":
+        row |= {
+            "lambda": 1.0,
+            "val_means": [],
+            "test": {t: s[0] for t, s in ev.scores(folder, list(subset), "test", [1.0]).items()},
+        }
+    elif same is not None:
+        prev, diff = same
+        row |= {k: prev[k] for k in ("lambda", "val_means", "test")}
+        row["scored_as"] = f"{prev['label']} (same delta, relative difference {diff:.1e})"
+    else:
+        row |= ev.tune(folder, list(subset), grid, work)
+    summarize(row, own)
+    if family != "baseline" and same is None:
+        deltas.setdefault(key, []).append((row, delta))
+    shutil.rmtree(folder.parent if family == "peft" else folder, ignore_errors=True)
+    print(
+        f"T={size} {row['label']} [{key}]: norm mean {row['normalized_mean']:.3f} worst "
+        f"{row['normalized_worst']:.3f} lambda {row['lambda']:g} merge {row['merge_s']:.3f}s "
+        f"e2e {row['end_to_end_s']:.2f}s rss {row['peak_rss_mb']:.0f}MB "
+        f"(eval {time.perf_counter() - tick:.0f}s){' ' + row['scored_as'] if 'scored_as' in row else ''}",
+        flush=True,
+    )
+    return row
 
 
 def zoo_entries(zoo: Path, names: list[str]) -> list[dict[str, str]]:
@@ -442,53 +507,10 @@ def main(argv: list[str] | None = None) -> int:
             key = "+".join(subset)
             if (family, method, key) in done:
                 continue
-            tick = time.perf_counter()
-            timing = timings[(family, method, key)]
-            row: dict[str, Any] = {
-                "label": label_of(family, method),
-                "family": family,
-                "method": method,
-                "size": size,
-                "subset": key,
-            } | {k: v for k, v in timing.items() if k not in ("folder", "method", "size", "subset")}
-            if "error" in timing:
-                print(f"T={size} {row['label']} [{key}]: FAILED {timing['error']}", flush=True)
-                result["rows"].append(row)
-                continue
-            folder = Path(timing["folder"])
-            delta = delta_of(folder)
-            same = next(
-                (
-                    (prev, diff)
-                    for prev, other in deltas.get(key, [])
-                    if (diff := relative_difference(other, delta)) < SAME_DELTA
-                ),
-                None,
+            row = score_row(
+                family, method, size, subset, timings[(family, method, key)], ev, own, args.grid, work, deltas
             )
-            if family == "baseline":
-                row |= {
-                    "lambda": 1.0,
-                    "val_means": [],
-                    "test": {t: s[0] for t, s in ev.scores(folder, list(subset), "test", [1.0]).items()},
-                }
-            elif same is not None:
-                prev, diff = same
-                row |= {k: prev[k] for k in ("lambda", "val_means", "test")}
-                row["scored_as"] = f"{prev['label']} (same delta, relative difference {diff:.1e})"
-            else:
-                row |= ev.tune(folder, list(subset), args.grid, work)
-            summarize(row, own)
             result["rows"].append(row)
-            if family != "baseline" and same is None:
-                deltas.setdefault(key, []).append((row, delta))
-            shutil.rmtree(folder.parent if family == "peft" else folder, ignore_errors=True)
-            print(
-                f"T={size} {row['label']} [{key}]: norm mean {row['normalized_mean']:.3f} worst "
-                f"{row['normalized_worst']:.3f} lambda {row['lambda']:g} merge {row['merge_s']:.3f}s "
-                f"e2e {row['end_to_end_s']:.2f}s rss {row['peak_rss_mb']:.0f}MB "
-                f"(eval {time.perf_counter() - tick:.0f}s){' ' + row['scored_as'] if 'scored_as' in row else ''}",
-                flush=True,
-            )
             result["seconds_total"] = time.perf_counter() - started + previous.get("seconds_total", 0.0)
             write_report(result, out, plot_too=False)
     result["seconds_total"] = time.perf_counter() - started + previous.get("seconds_total", 0.0)
@@ -529,6 +551,25 @@ def sizes_of(result: dict[str, Any]) -> set[int]:
     words = result["command"].split()
     sizes = words[words.index("--sizes") + 1 :] if "--sizes" in words else ["2", "4", "8"]
     return {int(w) for w in sizes if w.isdigit()} or {2, 4, 8}
+
+
+def per_subset_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The report's per-subset table: every scored row with its lambda and per-task normalized accuracy."""
+    lines = [
+        "",
+        "## Per subset",
+        "",
+        "| T | subset | method | lambda | normalized mean | worst | per task |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "normalized_mean" in row:
+            per_task = ", ".join(f"{t} {v:.2f}" for t, v in row["normalized"].items())
+            lines.append(
+                f"| {row['size']} | {row['subset']} | {row['label']} | {row['lambda']:g} | "
+                f"{row['normalized_mean']:.3f} | {row['normalized_worst']:.3f} | {per_task} |"
+            )
+    return lines
 
 
 def write_report(result: dict[str, Any], out: Path, plot_too: bool) -> None:
@@ -625,20 +666,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Failed merges:", ""] + [f"- T={r['size']} {r['label']}: {r['error']}" for r in failed]
     if result.get("not_run"):
         lines += ["", f"Not run (time budget): {', '.join(result['not_run'])}"]
-    lines += [
-        "",
-        "## Per subset",
-        "",
-        "| T | subset | method | lambda | normalized mean | worst | per task |",
-    ]
-    lines.append("|---|---|---|---|---|---|---|")
-    for row in result["rows"]:
-        if "normalized_mean" in row:
-            per_task = ", ".join(f"{t} {v:.2f}" for t, v in row["normalized"].items())
-            lines.append(
-                f"| {row['size']} | {row['subset']} | {row['label']} | {row['lambda']:g} | "
-                f"{row['normalized_mean']:.3f} | {row['normalized_worst']:.3f} | {per_task} |"
-            )
+    lines += per_subset_lines(result["rows"])
     lines += [
         "",
         "## Reference points (test prompts)",

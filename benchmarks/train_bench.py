@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.add_policy_bench import _held_out
-from benchmarks.zoo_eval import run_and_write, zoo_names, zoo_parser, zoo_scorer
+from benchmarks.zoo_eval import per_task_bars, run_and_write, zoo_names, zoo_parser, zoo_scorer
 
 METHODS = ("full", "diagonal")
 
@@ -225,31 +225,14 @@ def report(results: dict[str, Any], out: Path) -> None:
         "the head trained with the full cores), and zoos other than this small WordNet one.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(max(5, len(rows) * 1.8), 3.6))
-    methods = ("lora", "full", "diagonal", "head_only")
-    width = 0.2
-    for i, method in enumerate(methods):
-        ax.bar(
-            [j + i * width for j in range(len(rows))],
-            [r[method]["accuracy"] for r in rows],
-            width,
-            label=labels[method],
-        )
-    ax.set_xticks([j + 1.5 * width for j in range(len(rows))])
-    ax.set_xticklabels([r["task"][:24] for r in rows], fontsize=7)
-    ax.set_ylabel("test accuracy (through PEFT)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "train_accuracy.png", dpi=120)
+    per_task_bars(
+        [r["task"] for r in rows],
+        {labels[m]: [r[m]["accuracy"] for r in rows] for m in ("lora", "full", "diagonal", "head_only")},
+        out / "train_accuracy.png",
+        "test accuracy (through PEFT)",
+        ylim=(0, 1),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

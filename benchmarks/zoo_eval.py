@@ -79,3 +79,39 @@ def run_and_write(
     report(results, out)
     print((out / "report.md").read_text())
     return 0
+
+
+def per_task_bars(
+    tasks: list[str],
+    series: dict[str, list[float]],
+    path: Path,
+    ylabel: str,
+    title: str | None = None,
+    line: float | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> None:
+    """A grouped bar chart, one group per task and one bar per method (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.12 * len(tasks) * len(series) + 2)), 4.5))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(tasks))], values, width, label=label)
+    if line is not None:
+        ax.axhline(line, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xticks([j + (len(series) - 1) * width / 2 for j in range(len(tasks))])
+    ax.set_xticklabels([t[:24] for t in tasks], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -7,7 +7,8 @@ byte added, until the next step no longer fits. Bytes count the stored numbers o
 task's core (factored when smaller, as the store keeps them); heads and the manifest are not part of it.
 
 Each slot's curve comes from one fit at its largest size (`SubspaceBasis` makes it, slot by slot, on any
-solver): the captured energy of every prefix of its directions.
+solver): the captured energy of every prefix of its directions, or, given calibration inputs, the output
+energy each prefix keeps on them (calibration.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ class SlotCurve:
     sizes: list[tuple[int, int]]  # (k_out, k_in) per step
     gains: list[float]  # captured energy (task units) per step
     costs: list[int]  # stored numbers per step
+    total: float = 0.0  # the slot's whole weighted energy, what the gains are shares of
+
+
+def curve_sizes(cap_out: int, cap_in: int, k_in: int | None) -> list[tuple[int, int]]:
+    """The (k_out, k_in) steps an allocation may give a slot fit at (cap_out, cap_in)."""
+    return [
+        (k, min(cap_in, k if k_in is None else k_in))
+        for k in sorted({1, *range(STEP, cap_out, STEP), cap_out})
+    ]
 
 
 def slot_curve(
@@ -43,9 +53,8 @@ def slot_curve(
     """Gain and cost of each step of one slot. `capture(k_out, k_in)` is the weighted share the first
     directions keep, `total` the slot's weighted energy; `cap_out` / `cap_in` the sizes it was fit at."""
     m, n = shape
-    curve = SlotCurve([], [], [])
-    for k in sorted({1, *range(STEP, cap_out, STEP), cap_out}):
-        ko, ki = k, min(cap_in, k if k_in is None else k_in)
+    curve = SlotCurve([], [], [], total)
+    for ko, ki in curve_sizes(cap_out, cap_in, k_in):
         curve.sizes.append((ko, ki))
         curve.gains.append(total * capture(ko, ki))
         curve.costs.append(ko * m + ki * n + sum(core_numbers(ko, ki, r) for r in ranks))

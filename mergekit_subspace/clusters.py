@@ -4,9 +4,10 @@ One shared basis per slot serves a homogeneous zoo well; a zoo pooled from unrel
 directions that only some of its tasks use. With `subspace: {clusters: C}` the tasks are split into C groups
 and each group gets its own k per slot:
 
-1. one joint fit of the whole zoo, and every task's cores on it (the task's coordinates in the shared space);
-2. k-means (cosine, k-means++ seeding, several starts) on those cores, each task's cores normalized to unit
-   norm so that tasks group by direction, not by size;
+1. one joint fit of the whole zoo (at least FEATURE_K wide), and every task's cores on it;
+2. k-means (cosine, k-means++ seeding, several starts) on how each task's energy spreads over the joint
+   directions (the root of its cores' row and column energies, unit norm), so that tasks group by the
+   directions they use, not by size, and not by their coefficients inside a shared subspace;
 3. alternate: fit one basis per cluster on its members, then move every task to the cluster whose basis
    reconstructs it best (relative Frobenius error over its slots), until no task moves.
 
@@ -16,7 +17,8 @@ U = [U_1 | U_2 | ...], V likewise, with each cluster's column range in the slot'
 table) and reads as zero on the others, so reconstruct, serve and bench need nothing new: U C V^T is the
 task's delta as before. What differs is that U is no longer orthonormal across clusters; the merge turns it
 into an orthonormal basis first (`orthonormal_union`), and `add` projects a new task on each cluster's
-columns and keeps the best.
+columns and keeps the best; when no cluster holds it within the guard (`--policy auto`, or always with
+`grow`), it grows the block of the cluster that holds it best (`grow.grow_blocks`).
 
 `clusters: auto` tries a few counts at the bytes of one basis at the recipe's k (each count's k per
 cluster is the largest that fits those bytes) and keeps the count with the lowest mean task error.
@@ -36,14 +38,18 @@ from tqdm.auto import tqdm
 from mergekit_subspace import parallel
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis
+from mergekit_subspace.grow import GrowingBases, grow_blocks, slot_block
 from mergekit_subspace.io.checkpoint import Checkpoint
 from mergekit_subspace.io.store import basis_tensors
-from mergekit_subspace.lowrank import COMPUTE_DTYPE, SlotProjector, stored_error_sq
+from mergekit_subspace.lowrank import COMPUTE_DTYPE, LowRankDelta, SlotProjector, stored_error_sq
 from mergekit_subspace.recipe import SubspaceSettings
 from mergekit_subspace.sources import TaskSource, slot_shapes
 
 MAX_ITERS = 10  # fit / reassign rounds; mixed zoos settle in two or three
 KMEANS_STARTS = 8
+FEATURE_K = (
+    32  # the joint basis the tasks are grouped on is at least this wide, so every group has directions
+)
 AUTO_COUNTS = (1, 2, 3, 4, 6, 8)  # cluster counts `clusters: auto` tries (at most one per two tasks)
 
 
@@ -79,17 +85,22 @@ def check_clusters(count: int, tasks: Sequence[TaskSource], where: str | Path | 
 
 
 def _features(cores: dict[str, dict[str, torch.Tensor]], names: list[str]) -> torch.Tensor:
-    """One row per task: its cores on the joint basis over every slot (zeros where it has none), unit norm."""
+    """One row per task: how its energy spreads over the joint basis directions of every slot (the root of
+    each core's row and column energies; zeros where it has no slot), unit norm. Two tasks in the same
+    subspace share directions even when their cores, as vectors, are orthogonal, which random coefficients
+    in one subspace almost always are."""
     slots = sorted({m for c in cores.values() for m in c})
-    sizes = {m: next(c[m].numel() for c in cores.values() if m in c) for m in slots}
+    sizes = {m: next(sum(c[m].shape) for c in cores.values() if m in c) for m in slots}
     rows = []
     for name in names:
-        parts = [
-            cores[name][m].reshape(-1).to(COMPUTE_DTYPE)
-            if m in cores[name]
-            else torch.zeros(sizes[m], dtype=COMPUTE_DTYPE)
-            for m in slots
-        ]
+        parts = []
+        for m in slots:
+            core = cores[name].get(m)
+            if core is None:
+                parts.append(torch.zeros(sizes[m], dtype=COMPUTE_DTYPE))
+                continue
+            energy = core.to(COMPUTE_DTYPE) ** 2
+            parts += [energy.sum(dim=1).sqrt(), energy.sum(dim=0).sqrt()]
         row = torch.cat(parts)
         rows.append(row / row.norm().clamp_min(1e-30))
     return torch.stack(rows)
@@ -155,10 +166,11 @@ def _fit_each(
     settings: SubspaceSettings,
     base: Checkpoint | None,
     device: str,
+    sizes: Sequence[dict[str, tuple[int, int]]] | None = None,
 ) -> list[SubspaceBasis]:
-    """One basis per cluster, fit on its members."""
+    """One basis per cluster, fit on its members (at `sizes[cluster]` per slot where given)."""
     return [
-        SubspaceBasis(settings, device=device).fit(
+        SubspaceBasis(settings, sizes=sizes[k] if sizes else None, device=device).fit(
             [t for t, c in zip(tasks, labels, strict=True) if c == k], base
         )
         for k in range(count)
@@ -186,7 +198,8 @@ def fit_clusters(
     if count == 1:
         labels = [0] * len(tasks)
     else:
-        joint = SubspaceBasis(plain, device=device).fit_transform(tasks, base)
+        wide = plain.model_copy(update={"k": max(plain.k or 1, FEATURE_K), "k_in": None, "energy": None})
+        joint = SubspaceBasis(wide, device=device).fit_transform(tasks, base)
         labels = kmeans(_features(joint, names), count, seed)
     moved: list[int] = []
     bar = tqdm(
@@ -314,12 +327,21 @@ def compress_clustered(
     progress: bool,
     device: str,
     base_identity: dict[str, Any] | None,
+    assigned: tuple[dict[str, int], list[dict[str, tuple[int, int]]]] | None = None,
 ) -> Any:
     """Fit the clusters, then write the store slot by slot: the union basis, and every task's core on its
-    own cluster's columns of it, encoded as stored."""
+    own cluster's columns of it, encoded as stored. `assigned` gives each task's cluster and each cluster's
+    (k_out, k_in) per slot, as a target chose them (mergekit_subspace.target)."""
     from mergekit_subspace.subspace import _hash_sources, encode_slot
 
-    if settings.clusters == "auto":
+    if assigned is not None:
+        by_task, sizes = assigned
+        labels = [by_task[t.name] for t in tasks]
+        fits = _fit_each(tasks, labels, len(sizes), _plain(settings), base, device, sizes)
+        rel = [[math.sqrt(e / n) if n else 0.0 for e, n in (_task_errors(t, f) for f in fits)] for t in tasks]
+        fit = ClusterFit(dict(by_task), fits, {t.name: r for t, r in zip(tasks, rel, strict=True)}, 0)
+        tried: list[dict[str, Any]] = []
+    elif settings.clusters == "auto":
         fit, settings, tried = choose_clusters(tasks, settings, base, device, progress)
         if fit.count == 1:  # one basis won: an ordinary store, no cluster bookkeeping
             plain = settings.model_copy(update={"clusters": None})
@@ -410,43 +432,74 @@ def is_clustered(manifest: dict[str, Any]) -> bool:
     return any(meta.get("clusters") for meta in manifest["slots"].values())
 
 
-def encode_on_clusters(
-    store: Any, source: TaskSource, device: str = "cpu"
-) -> tuple[int, dict[str, Any], list]:
-    """A new task's slots encoded on every cluster of a clustered store that covers all of them; the
-    cluster that stores it with the least error, its encoded slots, and each cluster's error (None where
-    the cluster lacks one of the task's slots)."""
-    from mergekit_subspace.subspace import _total_rel_error, encode_slot
+def encode_on_cluster(
+    store: Any, source: TaskSource, cluster: int | None, device: str = "cpu"
+) -> dict[str, Any]:
+    """A task's slots encoded on one cluster's columns of each slot's bases (cluster None: a plain store's
+    whole basis), skipping the slots where the cluster has none. `store` is anything with the store's
+    `manifest` and `basis(module)`: the store, or the bases a batch of adds is growing."""
+    from mergekit_subspace.subspace import encode_slot
 
-    slots_meta = store.manifest["slots"]
     dtype = store.manifest["settings"]["dtype"]
-    count = max(len(meta.get("clusters") or []) for meta in slots_meta.values())
-    bases = {m: tuple(t.to(device) for t in store.basis(m)) for m in sorted(source.shapes)}
-    errors: list[float | None] = []
+    encoded = {}
+    for module in sorted(source.shapes):
+        block = slot_block(store.manifest["slots"][module], cluster)
+        if block is None:
+            continue
+        U, V = (t.to(device) for t in store.basis(module))
+        delta = source.slots[module]
+        delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
+        slot = encode_slot(source, module, delta, block_projector(U, V, block), dtype)
+        if cluster is not None:
+            slot.stats.update(o_out=block[0], k_out=block[1], o_in=block[2], k_in=block[3])
+        encoded[module] = slot
+    return encoded
+
+
+def encode_on_clusters(
+    store: Any, source: TaskSource, device: str = "cpu", required: bool = True
+) -> tuple[int | None, dict[str, Any], list[float]]:
+    """A new task's slots encoded on every cluster of a clustered store: the cluster that covers all of them
+    and stores the task with the least error, its encoded slots, and each cluster's relative error (a slot
+    the cluster has no columns in counts as lost whole). No cluster covering every slot is refused, or, when
+    not `required` (growth may add the missing blocks), gives (None, {}, errors)."""
+    count = max(len(meta.get("clusters") or []) for meta in store.manifest["slots"].values())
+    norms = {m: source.slots[m].norm_sq() for m in source.shapes}
+    total = sum(norms.values())
+    errors: list[float] = []
     best: tuple[float, int, dict[str, Any]] | None = None
     for cluster in range(count):
-        blocks = {m: (slots_meta[m].get("clusters") or [None] * count)[cluster] for m in bases}
-        if any(block is None for block in blocks.values()):
-            errors.append(None)
-            continue
-        encoded = {}
-        for module, (U, V) in bases.items():
-            block = blocks[module]
-            delta = source.slots[module]
-            slot = encode_slot(source, module, delta, block_projector(U, V, block), dtype)
-            slot.stats.update(o_out=block[0], k_out=block[1], o_in=block[2], k_in=block[3])
-            encoded[module] = slot
-        error = _total_rel_error(encoded)
+        encoded = encode_on_cluster(store, source, cluster, device)
+        err = sum(s.err_sq for s in encoded.values()) + sum(norms[m] for m in norms if m not in encoded)
+        error = math.sqrt(err / total) if total else 0.0
         errors.append(error)
-        if best is None or error < best[0]:
+        if len(encoded) == len(norms) and (best is None or error < best[0]):
             best = (error, cluster, encoded)
     if best is None:
+        if not required:
+            return None, {}, errors
         raise SubspaceError(
-            "touches slots that no single cluster of the store has a basis for; add it with "
-            "`refit --add`, which fits the clusters again",
+            "touches slots that no single cluster of the store has a basis for; add it with --policy auto "
+            "(which grows a cluster) or `refit --add` (which fits the clusters again)",
             source.source,
         )
     return best[1], best[2], errors
+
+
+def place_on_clusters(
+    bases: GrowingBases, source: TaskSource, policy: str, max_rel_error: float, device: str = "cpu"
+) -> tuple[int, dict[str, Any], float, dict[str, tuple[int, int]]]:
+    """Where a new task goes in a clustered store: the cluster, its slots encoded there, its error on the
+    bases as they were, and the columns grown per slot. It is projected on the cluster that holds it best
+    when that is within the guard (always with --policy project); otherwise the cluster with the least error
+    grows its blocks for it (see `grow.grow_blocks`)."""
+    cluster, slots, errors = encode_on_clusters(bases, source, device, required=policy == "project")
+    fits = cluster is not None and errors[cluster] <= max_rel_error
+    if cluster is not None and (policy == "project" or (policy == "auto" and fits)):
+        return cluster, slots, errors[cluster], {}
+    cluster = min(range(len(errors)), key=errors.__getitem__)
+    grown = grow_blocks(bases, source, cluster, max_rel_error, device)
+    return cluster, encode_on_cluster(bases, source, cluster, device), errors[cluster], grown
 
 
 def describe(store: Any) -> str | None:

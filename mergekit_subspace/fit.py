@@ -40,7 +40,8 @@ from mergekit_subspace.basis import (
     task_weights,
     weighted_capture,
 )
-from mergekit_subspace.budget import SlotCurve, allocate, slot_curve
+from mergekit_subspace.budget import SlotCurve, allocate, curve_sizes, slot_curve
+from mergekit_subspace.calibration import output_shares
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.checkpoint import Checkpoint
 from mergekit_subspace.io.codec import ITEM_BYTES
@@ -173,7 +174,8 @@ class SubspaceBasis:
     Settings are a `SubspaceSettings` (the recipe's `subspace:` block, where every constraint is declared)
     or its fields as keywords. `sizes` fixes (k_out, k_in) per slot (as a store chose them); `device` runs the
     fit and projections there ("cuda" where there is one); `slot_memory` bounds the bytes of one slot's
-    factors that are held between passes.
+    factors that are held between passes; `inputs` holds sampled input rows per slot (calibration.py), by
+    whose output energy a byte budget or target sizes the slots.
     """
 
     def __init__(
@@ -184,6 +186,7 @@ class SubspaceBasis:
         device: str = "cpu",
         slot_memory: int = SLOT_MEMORY,
         progress: bool = False,
+        inputs: dict[str, torch.Tensor] | None = None,
         **params: Any,
     ) -> None:
         if settings is not None and params:
@@ -193,6 +196,7 @@ class SubspaceBasis:
         self.device = check_device(device)
         self.slot_memory = slot_memory
         self.progress = progress
+        self.inputs = inputs
 
     # ---- fitting --------------------------------------------------------------------------------------
     def fit(
@@ -319,7 +323,18 @@ class SubspaceBasis:
         cap_out = min(slot.shape[0], total_rank, k_cap)
         cap_in = min(slot.shape[1], total_rank, k_in if k_in is not None else k_cap)
         fit = self._fit_slot(slot, (cap_out, cap_in), refine=0)
-        curve = slot_curve(fit.capture, fit.total_energy, slot.shape, slot.ranks, cap_out, cap_in, k_in)
+        capture, total = fit.capture, fit.total_energy
+        if self.inputs is not None and slot.module in self.inputs:  # sized by output energy on real inputs
+            shares, total = output_shares(
+                slot(),
+                fit.basis.U,
+                fit.basis.V,
+                self.inputs[slot.module],
+                curve_sizes(cap_out, cap_in, k_in),
+                self.settings.normalize,
+            )
+            capture = lambda k_out, k_in_: shares[(k_out, k_in_)]  # noqa: E731
+        curve = slot_curve(capture, total, slot.shape, slot.ranks, cap_out, cap_in, k_in)
         return fit, curve, (cap_out, cap_in)
 
     def _fit_slot(self, slot: SlotDeltas, size: tuple[int, int] | None, refine: int) -> SlotFit:

@@ -4,7 +4,8 @@ export one as a PEFT folder with a model card.
 Every change keeps the store's rule that the manifest is the store: new files are written (atomically) before
 the manifest that names them, the manifest is swapped atomically, and files it no longer names are deleted
 after it. A crash therefore leaves either the old store or the new one, plus at worst files that no manifest
-names, which `verify` reports. The basis is never changed here.
+names, which `verify` reports. The basis changes only when `add-many --policy auto|grow` grows it: the grown
+basis is a new file (`basis-<n>.safetensors`), written before the manifest that names it.
 """
 
 from __future__ import annotations
@@ -26,23 +27,31 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from mergekit_subspace.clusters import encode_on_clusters, is_clustered
+from mergekit_subspace.clusters import encode_on_cluster, is_clustered, place_on_clusters
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import check_device
-from mergekit_subspace.grow import DEFAULT_MAX_REL_ERROR, check_policy
+from mergekit_subspace.grow import DEFAULT_MAX_REL_ERROR, GrowingBases, check_policy, grow_blocks
 from mergekit_subspace.io.files import (
     _fsync_dir,
     atomic_directory,
     atomic_write_bytes,
     check_output,
     sha256_bytes,
+    tensors_to_bytes,
 )
-from mergekit_subspace.io.store import MANIFEST, TASKS_DIR, manifest_bytes, task_file
-from mergekit_subspace.lowrank import LowRankDelta, SlotProjector
+from mergekit_subspace.io.store import (
+    FORMAT,
+    MANIFEST,
+    TASKS_DIR,
+    basis_file,
+    manifest_bytes,
+    next_basis_file,
+    task_file,
+)
 from mergekit_subspace.recipe import check_task_name, expand_entries
 from mergekit_subspace.report import human_bytes, table
 from mergekit_subspace.sources import TaskSource, check_unique_names, lora_task
-from mergekit_subspace.subspace import SubspaceStore, _task_file_and_entry, _total_rel_error, encode_slot
+from mergekit_subspace.subspace import SubspaceStore, _record_growth, _task_file_and_entry, _total_rel_error
 
 CARD = "README.md"
 STAGING_PREFIX = ".add-many."
@@ -260,23 +269,31 @@ def add_many(
     device: str = "cpu",
     progress: bool = True,
     max_rel_error: float = DEFAULT_MAX_REL_ERROR,
+    policy: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Project several adapters onto the store's bases and add them with one manifest write.
+    """Add several adapters with one manifest write, in order, each on the bases as the ones before it left
+    them.
 
-    The bases do not grow here (a batch would have to grow them once per task, in order): a task the bases
-    cannot hold within `max_rel_error` refuses the batch, naming `add --policy auto` and `refit --add`.
+    `policy` is add's: "project" refuses the batch when a task the bases cannot hold within
+    `max_rel_error` comes; "auto" (the default) grows the bases for it ("grow": for every task), as `add` does, and
+    in a clustered store grows the cluster that holds it best. The grown basis is written once, under a new
+    name, with the task files, before the manifest that names them all.
 
     Every adapter's config and header is read, and names and shapes checked, before anything is projected;
     the task files are staged in a hidden folder while projecting, moved into the store when all succeeded,
     and the manifest is written last. A bad adapter (unreadable, non-finite, wrong shape) or a repeated name
     refuses the whole batch and the store stays byte-identical. Returns each added task's manifest entry with
-    its name, in input order.
+    its name, `action` ("projected" or "grew"), `projected_rel_error` and `grown` (columns per slot), in
+    input order.
     """
     _check_single_process("add-many")
-    check_policy("project", max_rel_error)
+    check_policy(policy, max_rel_error)
     device = check_device(device)
     with _store_lock(store):
         started = _manifest_digest(store)
+        bases = GrowingBases(
+            copy.deepcopy(store.manifest), dict(store.files.basis_tensors()), store.basis, store.path
+        )
     sources = [
         a if isinstance(a, TaskSource) else lora_task(a, allow_pickle=allow_pickle)
         for a in tqdm(adapters, desc="read adapters", disable=None if progress else True, leave=False)
@@ -287,60 +304,89 @@ def add_many(
     for source in sources:
         store._check_fits(source)
     dtype = store.manifest["settings"]["dtype"]
-    projectors: dict[str, SlotProjector] = {}
-    clustered = is_clustered(store.manifest)
-
-    def projector(module: str) -> SlotProjector:
-        if module not in projectors:
-            projectors[module] = SlotProjector(*(t.to(device) for t in store.basis(module)))
-        return projectors[module]
-
-    staged: dict[str, tuple[str, dict[str, Any]]] = {}  # name -> (sha256, manifest entry)
+    manifest = bases.manifest
+    clustered = is_clustered(manifest)
+    added: dict[str, dict[str, Any]] = {}
     with _staging_folder(store) as staging:
         for source in tqdm(sources, desc="add adapters", disable=None if progress else True, leave=False):
-            if clustered:  # on the cluster that holds it best
-                cluster, slots, _ = encode_on_clusters(store, source, device)
-            else:
-                cluster, slots = None, {}
-                for module in sorted(source.shapes):
-                    delta = source.slots[module]
-                    if device != "cpu":
-                        delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
-                    slots[module] = encode_slot(source, module, delta, projector(module), dtype)
+            cluster, slots, projected, grown = _place(bases, source, clustered, policy, max_rel_error, device)
             error = _total_rel_error(slots)
             if error > max_rel_error:
+                how = (
+                    "even with its basis grown; raise --max-rel-error or"
+                    if grown or policy == "grow"
+                    else "on the bases as they are; grow the basis with --policy auto or"
+                )
                 raise SubspaceError(
-                    f"would be stored with relative error {error:.3f} on the bases as they are, above "
-                    f"max_rel_error {max_rel_error:g}; add it alone with `add --policy auto` (which grows the "
-                    "basis) or fit it in with `refit --add`; nothing was written",
+                    f"would be stored with relative error {error:.3f}, above max_rel_error "
+                    f"{max_rel_error:g}, {how} fit it in with `refit --add`; nothing was written",
                     source.source,
                 )
             data, entry = _task_file_and_entry(source, slots, dtype, added=True)
             if cluster is not None:
                 entry["cluster"] = cluster
+            if grown:
+                entry["grown_from_rel_error"] = projected
             atomic_write_bytes(staging / f"{source.name}.safetensors", data)
-            staged[source.name] = (sha256_bytes(data), entry)
+            manifest["tasks"][source.name] = entry
+            manifest["files"][task_file(source.name)] = sha256_bytes(data)
+            for module in entry["slots"]:
+                manifest["slots"][module]["tasks"] = sorted(
+                    manifest["slots"][module]["tasks"] + [source.name]
+                )
+            added[source.name] = {
+                "action": "grew" if grown else "projected",
+                "projected_rel_error": projected,
+                "grown": grown,
+            }
+        basis = None
+        if bases.grown:
+            basis = (
+                next_basis_file(store.manifest),
+                tensors_to_bytes(bases.tensors, metadata={"format": FORMAT}),
+            )
+            _record_growth(manifest, {}, basis)
         with _store_lock(store, changed_since=started):
-            manifest = copy.deepcopy(store.manifest)
-            for name, (digest, entry) in staged.items():
-                manifest["tasks"][name] = entry
-                manifest["files"][task_file(name)] = digest
-                for module in entry["slots"]:
-                    manifest["slots"][module]["tasks"] = sorted(manifest["slots"][module]["tasks"] + [name])
+            old_basis = basis_file(store.manifest)
             (store.path / TASKS_DIR).mkdir(exist_ok=True)
-            moved: list[Path] = []
+            written: list[Path] = []
             try:
-                for name in staged:
+                if basis is not None:
+                    atomic_write_bytes(store.path / basis[0], basis[1])
+                    written.append(store.path / basis[0])
+                for name in added:
                     target = store.path / task_file(name)
                     os.replace(staging / f"{name}.safetensors", target)
-                    moved.append(target)
+                    written.append(target)
                 _fsync_dir(store.path / TASKS_DIR)
                 _write_manifest(store, manifest)
             except BaseException:
-                for path in moved:
+                for path in written:
                     _unlink_quietly(path)
                 raise
-    return [{"name": s.name, **store.manifest["tasks"][s.name]} for s in sources]
+            if basis is not None:
+                _unlink_quietly(store.path / old_basis)
+    return [{"name": s.name, **store.manifest["tasks"][s.name], **added[s.name]} for s in sources]
+
+
+def _place(
+    bases: GrowingBases,
+    source: TaskSource,
+    clustered: bool,
+    policy: str,
+    max_rel_error: float,
+    device: str,
+) -> tuple[int | None, dict[str, Any], float, dict[str, tuple[int, int]]]:
+    """A new task's cluster (None in a plain store), its slots encoded as they will be stored, its error on
+    the bases as they were, and the columns grown for it per slot."""
+    if clustered:
+        return place_on_clusters(bases, source, policy, max_rel_error, device)
+    slots = encode_on_cluster(bases, source, None, device)
+    projected = _total_rel_error(slots)
+    if policy == "grow" or (policy == "auto" and projected > max_rel_error):
+        grown = grow_blocks(bases, source, None, max_rel_error, device)
+        return None, encode_on_cluster(bases, source, None, device), projected, grown
+    return None, slots, projected, {}
 
 
 # ---- writing PEFT folders ---------------------------------------------------------------------------------

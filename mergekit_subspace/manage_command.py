@@ -92,6 +92,14 @@ def rename(store: str, old: str, new: str) -> None:
     show_default=True,
     help="Refuse the batch if any task would be stored with a larger relative error.",
 )
+@click.option(
+    "--policy",
+    type=click.Choice(["auto", "project", "grow"]),
+    default="auto",
+    show_default=True,
+    help="auto/grow: grow the basis (a clustered store: the cluster that holds the task best) for a task "
+    "above --max-rel-error, as `add` does; project: refuse the batch instead.",
+)
 @friendly
 def add_many(
     store: str,
@@ -100,17 +108,19 @@ def add_many(
     quiet: bool,
     device: str,
     max_rel_error: float,
+    policy: str,
 ) -> None:
     """Project several ADAPTERS (PEFT LoRA folders or globs, e.g. 'zoo/*') onto STORE's basis in one write.
 
     Task names are the folder names. All task files are written first and the manifest once at the end. If any
     adapter is bad, a name repeats (in the batch or in the store) or a task would be stored with a relative
     error above --max-rel-error, the whole batch is refused with one line and nothing is written; so it is if
-    another add, rm or rename changed the store while it ran. A task the basis cannot hold is added alone
-    with `add` (its --policy auto grows the basis), or the store is refit with `refit --add`.
+    another add, rm or rename changed the store while it ran. With --policy auto the basis grows, task by
+    task in order, for a task it cannot hold (as `add` does), and is written once with the batch.
     """
     from mergekit_subspace.manage import add_many as run_add_many
     from mergekit_subspace.manage import expand_adapters
+    from mergekit_subspace.report import describe_add
 
     opened = _open(store)
     entries = run_add_many(
@@ -120,11 +130,10 @@ def add_many(
         device=device,
         progress=not quiet,
         max_rel_error=max_rel_error,
+        policy=policy,
     )
     for entry in entries:
-        click.echo(
-            f"added '{entry['name']}': relative error {entry['rel_error']:.4f} over {len(entry['slots'])} slots"
-        )
+        click.echo(describe_add(entry))
     click.echo(f"{len(entries)} task(s) added to {store} ({len(opened.tasks)} now)")
 
 

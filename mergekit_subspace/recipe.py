@@ -76,6 +76,20 @@ class TargetSettings(Strict):
         return next(key for key in ("ratio", "bytes", "max_rel_error") if getattr(self, key) is not None)
 
 
+class CalibrationSettings(Strict):
+    """Texts to run the base model on, so byte budgets and targets size each slot by the error its output
+    gets on real inputs rather than by the weight energy it keeps (mergekit_subspace.calibration)."""
+
+    data: str  # a JSONL file of {"text": ...} lines (the bench's format) or a plain file of one text per line
+    max_rows: int = Field(1024, ge=16, le=65536)  # token rows kept per slot (uniform sample of all tokens)
+    max_length: int = Field(128, ge=8, le=8192)  # tokens per text
+    batch_size: int = Field(16, ge=1, le=1024)
+
+    no_bools = field_validator("max_rows", "max_length", "batch_size", mode="before")(
+        classmethod(lambda cls, v: _no_bool(v))
+    )
+
+
 class SubspaceSettings(Strict):
     """How the per-slot basis is cut: a fixed k or an energy fraction, plus fitting options."""
 
@@ -102,6 +116,8 @@ class SubspaceSettings(Strict):
     # prior weighing `transfer_weight` times the zoo's energy; "auto" picks it per slot by leave-one-out
     transfer_from: str | None = None
     transfer_weight: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | Literal["auto"] | None = None
+    # calibration texts: a budget or target then spends bytes by the output error on the base's activations
+    calibration: CalibrationSettings | None = None
 
     no_bools = field_validator(
         "k",
@@ -131,9 +147,14 @@ class SubspaceSettings(Strict):
             raise ValueError("give either subspace.k or subspace.energy, not both")
         if self.k_in is not None and self.energy is not None:
             raise ValueError("subspace.k_in goes with subspace.k, not with subspace.energy")
-        if self.clusters is not None and (self.target is not None or self.budget_bytes is not None):
+        if self.clusters is not None and self.budget_bytes is not None:
             raise ValueError(
-                "subspace.clusters goes with k or energy, not with a target or budget_bytes (yet)"
+                "subspace.clusters goes with k, energy or a target, not with budget_bytes "
+                "(for a byte budget give target: {bytes: N})"
+            )
+        if self.calibration is not None and self.target is None and self.budget_bytes is None:
+            raise ValueError(
+                "subspace.calibration sizes slots under a target or budget_bytes; give one of them too"
             )
         return self._transfer_fits()
 
@@ -169,6 +190,8 @@ def settings_record(settings: SubspaceSettings) -> dict:
         del record["clusters"]  # as for the target: unclustered stores stay byte-identical
     if record["transfer_from"] is None:
         del record["transfer_from"], record["transfer_weight"]
+    if record["calibration"] is None:
+        del record["calibration"]
     if record["target"] is None:
         del record["target"]  # stores without a target stay byte-identical to those written before
     else:

@@ -84,8 +84,9 @@ def describe_add(entry: dict[str, Any]) -> str:
     )
     if entry["action"] == "grew":
         columns = sum(a + b for a, b in entry["grown"].values())
+        what = "the basis" if entry.get("cluster") is None else f"cluster {entry['cluster']}'s basis"
         line += (
-            f" (projection alone: {entry['projected_rel_error']:.4f}; grew the basis by {columns} columns "
+            f" (projection alone: {entry['projected_rel_error']:.4f}; grew {what} by {columns} columns "
             f"in {len(entry['grown'])} slots)"
         )
     elif entry.get("cluster") is not None:

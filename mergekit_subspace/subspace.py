@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from mergekit_subspace import parallel
 from mergekit_subspace.basis import SlotBasis
-from mergekit_subspace.clusters import encode_on_clusters, is_clustered
+from mergekit_subspace.clusters import is_clustered
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis, check_device
 from mergekit_subspace.grow import (
@@ -238,6 +238,20 @@ def load_recipe_tasks(
     return tasks, base
 
 
+def calibration_inputs(
+    tasks: list[TaskSource], settings: SubspaceSettings, base: Checkpoint | None, device: str, progress: bool
+) -> dict[str, torch.Tensor]:
+    """The calibration rows of every slot the zoo adapts, from the base model run over the recipe's texts."""
+    from mergekit_subspace import calibration
+
+    assert settings.calibration is not None
+    folder = calibration.base_folder(tasks, str(base.folder) if base is not None else None)
+    modules = {m for t in tasks for m in t.shapes}
+    return calibration.capture_inputs(
+        settings.calibration, folder, calibration.model_kind(tasks), modules, device, progress
+    )
+
+
 def _total_rel_error(slots: dict[str, EncodedSlot]) -> float:
     """A task's relative error over all its slots, from the slots' errors as stored."""
     err = sum(slot.err_sq for slot in slots.values())
@@ -315,20 +329,33 @@ class SubspaceStore:
         device: str = "cpu",
         base_identity: dict[str, Any] | None = None,
         sizes: dict[str, tuple[int, int]] | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> SubspaceStore:
         """Fit bases on already-loaded tasks (the Python entry point behind `compress`), slot by slot; under
         torchrun every rank fits its share of the slots and rank 0 writes the store. `sizes` fixes (k_out,
-        k_in) per slot; a `settings.target` without them is resolved first (mergekit_subspace.target)."""
+        k_in) per slot; a `settings.target` without them is resolved first (mergekit_subspace.target).
+        `inputs` are the calibration rows per slot (captured here when the settings ask and none are given)."""
         if not tasks:
             raise SubspaceError("the zoo is empty: nothing to compress")
         out = Path(out)
         if out.exists() and not overwrite:
             raise SubspaceError("already exists; choose another path or pass --overwrite", out)
+        if settings.calibration is not None and inputs is None and sizes is None:
+            inputs = calibration_inputs(tasks, settings, base, device, progress)
         if settings.target is not None and sizes is None:
             from mergekit_subspace.target import compress_to_target
 
             return compress_to_target(
-                cls, tasks, settings, out, base, overwrite, progress, device, base_identity=base_identity
+                cls,
+                tasks,
+                settings,
+                out,
+                base,
+                overwrite,
+                progress,
+                device,
+                base_identity=base_identity,
+                inputs=inputs,
             )
         if settings.clusters is not None:
             from mergekit_subspace.clusters import check_clusters, compress_clustered
@@ -339,7 +366,7 @@ class SubspaceStore:
                 cls, tasks, settings, out, base, overwrite, progress, device, base_identity
             )
         dtype = settings.dtype
-        fitted = SubspaceBasis(settings, sizes=sizes, device=device, progress=progress)
+        fitted = SubspaceBasis(settings, sizes=sizes, device=device, progress=progress, inputs=inputs)
 
         def encode(module: str, basis: SlotBasis, slot: SlotDeltas) -> tuple[dict, SlotCores]:
             file_tensors, readback = basis_tensors({module: (basis.U.cpu(), basis.V.cpu())}, dtype)
@@ -518,28 +545,22 @@ class SubspaceStore:
             bases = SlotProjector(*(t.to(device) for t in self.basis(module)))
             return encode_slot(source, module, on_device(module), bases, dtype)
 
-        cluster = None
-        if is_clustered(self.manifest):
+        if is_clustered(self.manifest):  # clustered adds, alone or in a batch, take add-many's one path
             if ranks.world > 1:
                 raise SubspaceError(
                     "a clustered store takes new tasks in one process; run add without torchrun"
                 )
-            cluster, slots, _ = encode_on_clusters(self, source, device)
-        else:
-            slots = parallel.map_shared(
-                ranks, modules, costs, encode, "project", progress=False, everywhere=True
+            from mergekit_subspace.manage import add_many
+
+            (entry,) = add_many(
+                self, [source], device=device, progress=False, max_rel_error=max_rel_error, policy=policy
             )
+            return entry
+        slots = parallel.map_shared(ranks, modules, costs, encode, "project", progress=False, everywhere=True)
         projected_error = _total_rel_error(slots)
         grown: dict[str, tuple[int, int]] = {}
         basis_data = None
         wants_growth = policy == "grow" or (policy == "auto" and projected_error > max_rel_error)
-        if wants_growth and cluster is not None:
-            raise SubspaceError(
-                f"would be stored with relative error {projected_error:.3f} on its best cluster, and a "
-                "clustered store's bases do not grow by add; use `refit STORE --add ADAPTER` (it fits the "
-                "clusters again) or --policy project with a higher --max-rel-error; nothing was written",
-                source.source,
-            )
         if wants_growth:
             grown, grown_slots, basis_data = self._grow(source, ranks, costs, max_rel_error, on_device)
             slots.update(grown_slots)
@@ -554,8 +575,6 @@ class SubspaceStore:
             )
         if ranks.main:
             data, entry = _task_file_and_entry(source, slots, dtype, added=True)
-            if cluster is not None:
-                entry["cluster"] = cluster
             manifest = copy.deepcopy(self.manifest)
             if grown:
                 entry["grown_from_rel_error"] = projected_error
@@ -744,9 +763,11 @@ class SubspaceStore:
         device: str = "cpu",
         progress: bool = True,
         max_rel_error: float = DEFAULT_MAX_REL_ERROR,
+        policy: str = "auto",
     ) -> list[dict]:
-        """Project several adapters onto the bases and add them with one manifest write, or none of them
-        (none also when one would be stored with a relative error above `max_rel_error`)."""
+        """Add several adapters with one manifest write, or none of them (none also when one would be stored
+        with a relative error above `max_rel_error`); `policy` "auto" or "grow" grows the bases as `add` does,
+        task by task in order."""
         from mergekit_subspace.manage import add_many
 
         return add_many(
@@ -756,6 +777,7 @@ class SubspaceStore:
             device=device,
             progress=progress,
             max_rel_error=max_rel_error,
+            policy=policy,
         )
 
     def export(

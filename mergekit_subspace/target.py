@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from mergekit_subspace import parallel
 from mergekit_subspace.budget import SlotCurve, allocate, core_numbers
+from mergekit_subspace.calibration import store_output_error
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis
 from mergekit_subspace.io.codec import INT_DTYPES, ITEM_BYTES, encode_core, extra_bytes
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
     from mergekit_subspace.subspace import SubspaceStore
 
 CANDIDATES = ("float16", "int8", "int4")
+ASSIGN_K = 16  # a clustered target assigns tasks at the bytes of one basis of this k, then sizes each slot
+SEP = "|"  # between cluster and slot in a clustered plan's profile keys
 MAX_TRIES = 4
 Sizes = dict[str, tuple[int, int]]
 
@@ -134,10 +139,16 @@ def check_target(tasks: list[TaskSource], settings: SubspaceSettings, base: Chec
 
 
 def profile_slots(
-    tasks: list[TaskSource], settings: SubspaceSettings, base: Checkpoint | None, device: str, progress: bool
+    tasks: list[TaskSource],
+    settings: SubspaceSettings,
+    base: Checkpoint | None,
+    device: str,
+    progress: bool,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, SlotProfile]:
-    """Each slot fit at its largest size: its curve, weighted energy and every candidate's measured q^2."""
-    fitter = SubspaceBasis(settings, device=device)
+    """Each slot fit at its largest size: its curve (by output energy on `inputs` when given), weighted
+    energy and every candidate's measured q^2."""
+    fitter = SubspaceBasis(settings, device=device, inputs=inputs)
     shapes = slot_shapes(tasks, base)
     costs = {m: sum(sum(t.ranks[m] for t in tasks if m in t.shapes) * s for s in shapes[m]) for m in shapes}
     dtypes = candidates(settings)
@@ -151,7 +162,7 @@ def profile_slots(
         truncated = fit.total_energy - captured
         return SlotProfile(
             curve,
-            fit.total_energy,
+            curve.total,
             {d: 0.0 if captured <= 0 else max(0.0, err - truncated) / captured for d, err in quant.items()},
         )
 
@@ -272,9 +283,100 @@ def choose(
     return dtype, sizes, record
 
 
+def _rows(inputs: dict[str, torch.Tensor]) -> str:
+    counts = [int(x.shape[0]) for x in inputs.values()]
+    return f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
 def mean_rel_error(store: SubspaceStore) -> float:
     entries = store.manifest["tasks"].values()
     return sum(float(e["rel_error"]) for e in entries) / max(len(entries), 1)
+
+
+@dataclass
+class Plan:
+    """One way to split the zoo a target may choose: its cluster count, each task's cluster (None for one
+    basis), and the profile of every (cluster, slot) it would store."""
+
+    count: int
+    labels: dict[str, int] | None
+    profiles: dict[str, SlotProfile]  # "cluster|slot" keys for clusters, slot names for one basis
+    extra_bytes: int = 0  # what the clusters add to the manifest: column ranges, offsets, each task's cluster
+
+
+def plans(
+    tasks: list[TaskSource],
+    settings: SubspaceSettings,
+    base: Checkpoint | None,
+    device: str,
+    progress: bool,
+    inputs: dict[str, torch.Tensor] | None,
+) -> list[Plan]:
+    """The cluster counts the target chooses among (one basis unless `clusters` is given): for each, the
+    tasks are clustered once at ASSIGN_K-equivalent bytes, then every cluster's slots are profiled, so one
+    allocation spends the budget over all clusters' slots at once."""
+    from mergekit_subspace.clusters import AUTO_COUNTS, check_clusters, equal_bytes_k, fit_clusters
+
+    if settings.clusters is None:
+        counts = [1]
+    elif settings.clusters == "auto":
+        counts = [c for c in AUTO_COUNTS if c == 1 or 2 * c <= len(tasks)]
+    else:
+        check_clusters(settings.clusters, tasks)
+        counts = [settings.clusters]
+    found = []
+    for count in counts:
+        if count == 1:
+            found.append(Plan(1, None, profile_slots(tasks, settings, base, device, progress, inputs)))
+            continue
+        at = settings.model_copy(update={"k": ASSIGN_K, "k_in": None, "target": None, "clusters": count})
+        k, _ = equal_bytes_k(tasks, base, at, count)
+        fit = fit_clusters(tasks, at.model_copy(update={"k": k}), count, base, device, progress)
+        profiles = {}
+        for cluster in range(count):
+            members = [t for t in tasks if fit.labels[t.name] == cluster]
+            for module, profile in profile_slots(members, settings, base, device, progress, inputs).items():
+                profiles[f"{cluster}{SEP}{module}"] = profile
+        task_slots = sum(len(t.shapes) for t in tasks)
+        extra = 14 * count * len({m for t in tasks for m in t.shapes}) + 8 * task_slots + 14 * len(tasks)
+        found.append(Plan(count, fit.labels, profiles, extra))
+    return found
+
+
+def choose_plan(
+    found: list[Plan],
+    settings: SubspaceSettings,
+    overhead: dict[str, int],
+    allowed: int | None,
+    goal: float | None,
+) -> tuple[Plan, str, Sizes, dict[str, Any]]:
+    """The plan, dtype and sizes a target takes: the lowest predicted error at a byte budget, the fewest
+    bytes for an error; with several counts, the record lists each one's prediction."""
+    options = []
+    failure: TargetError | None = None
+    for plan in found:
+        try:
+            spent = {d: b + plan.extra_bytes for d, b in overhead.items()}
+            options.append((plan, *choose(plan.profiles, settings, spent, allowed, goal)))
+        except TargetError as exc:
+            failure = failure or exc
+    if not options:
+        assert failure is not None
+        raise failure
+    if allowed is not None:
+        best = min(options, key=lambda o: o[3]["predicted_rel_error"])
+    else:
+        best = min(
+            options, key=lambda o: (o[3]["payload_bytes"] + o[0].extra_bytes, o[3]["predicted_rel_error"])
+        )
+    plan, dtype, sizes, record = best
+    if len(found) > 1 or plan.count > 1:
+        record["clusters"] = plan.count
+        record["cluster_counts"] = {
+            str(p.count): {k: r[k] for k in ("dtype", "predicted_rel_error", "payload_bytes")}
+            for p, _, _, r in options
+        }
+    return plan, dtype, sizes, record
 
 
 def compress_to_target(
@@ -286,10 +388,14 @@ def compress_to_target(
     overwrite: bool,
     progress: bool,
     device: str,
+    inputs: dict[str, torch.Tensor] | None = None,
     **options: Any,
 ) -> SubspaceStore:
-    """Resolve the target to a dtype and k per slot, write the store, measure it, correct and rewrite while
-    it misses (see the module docstring)."""
+    """Resolve the target to a dtype and k per slot (and the clusters, when `clusters` is given), write the
+    store, measure it, correct and rewrite while it misses (see the module docstring). With calibration
+    `inputs` the error is the output error on them."""
+    from mergekit_subspace.clusters import compress_clustered
+
     target = settings.target
     assert target is not None
     target = target.model_copy(update={"chosen": None})
@@ -297,26 +403,53 @@ def compress_to_target(
     check_target(tasks, settings, base)
     allowed = target_bytes(tasks, settings)
     goal = target.max_rel_error
-    profiles = profile_slots(tasks, settings, base, device, progress)
+    found = plans(tasks, settings, base, device, progress, inputs)
     overhead = {d: overhead_bytes(tasks, d) for d in candidates(settings)}
     store = None
     for attempt in range(MAX_TRIES):
-        dtype, sizes, record = choose(profiles, settings, overhead, allowed, goal)
+        plan, dtype, sizes, record = choose_plan(found, settings, overhead, allowed, goal)
         record["tries"] = attempt + 1
+        record["sized_by"] = (
+            f"output energy on {_rows(inputs)} calibration rows per slot"
+            if inputs
+            else "captured weight energy"
+        )
         chosen = settings.model_copy(
-            update={"dtype": dtype, "target": target.model_copy(update={"chosen": record})}
+            update={
+                "dtype": dtype,
+                "target": target.model_copy(update={"chosen": record}),
+                "clusters": None if plan.labels is None else plan.count,
+            }
         )
-        store = cls.from_tasks(
-            tasks,
-            chosen,
-            out,
-            base=base,
-            overwrite=overwrite or attempt > 0,
-            progress=progress,
-            device=device,
-            sizes=sizes,
-            **options,
-        )
+        if plan.labels is None:
+            store = cls.from_tasks(
+                tasks,
+                chosen,
+                out,
+                base=base,
+                overwrite=overwrite or attempt > 0,
+                progress=progress,
+                device=device,
+                sizes=sizes,
+                **options,
+            )
+        else:
+            per_cluster: list[Sizes] = [{} for _ in range(plan.count)]
+            for key, size in sizes.items():
+                cluster, _, module = key.partition(SEP)
+                per_cluster[int(cluster)][module] = size
+            store = compress_clustered(
+                cls,
+                tasks,
+                chosen,
+                Path(out),
+                base,
+                overwrite or attempt > 0,
+                progress,
+                device,
+                options.get("base_identity"),
+                assigned=(plan.labels, per_cluster),
+            )
         if allowed is not None:
             written = store.files.bytes_on_disk()
             if written <= allowed:
@@ -324,7 +457,7 @@ def compress_to_target(
             overhead[dtype] += written - allowed + max(64, (written - allowed) // 10)
         else:
             assert goal is not None
-            measured = mean_rel_error(store)
+            measured = store_output_error(store, tasks, inputs) if inputs else mean_rel_error(store)
             if measured <= target.max_rel_error:  # type: ignore[operator]
                 return store
             goal *= 0.97 * target.max_rel_error / measured  # type: ignore[operator]
@@ -344,7 +477,9 @@ def describe(store: SubspaceStore) -> str | None:
     )
     info = store.info()
     return (
-        f"target {asked}: chose {chosen['dtype']} ({chosen['why']}), k_out {chosen['k_out'][0]}-"
+        f"target {asked}: chose {chosen['dtype']} ({chosen['why']}"
+        + (f"; sized by {chosen['sized_by']}" if chosen.get("sized_by", "").startswith("output") else "")
+        + f"), k_out {chosen['k_out'][0]}-"
         f"{chosen['k_out'][1]} per slot, predicted mean rel. error {chosen['predicted_rel_error']:.3g}"
         + (f" (others: {others})" if others else "")
         + f"; measured {mean_rel_error(store):.3g}, ratio {info['ratio']:.1f}x, {info['bytes']['store']:,} bytes"

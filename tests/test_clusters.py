@@ -25,9 +25,18 @@ from mergekit_subspace.subspace import SubspaceStore
 GROUP_DIM = 2
 
 
-def _group_lora(base: Path, out: Path, group: int, seed: int, r: int = 3) -> Path:
-    """A real PEFT folder whose every delta lies in its group's fixed (output, input) subspaces."""
-    make_lora(base, out, seed=seed, r=r)
+def _group_lora(
+    base: Path,
+    out: Path,
+    group: int,
+    seed: int,
+    r: int = 3,
+    in_group: int | None = None,
+    targets: tuple[str, ...] = ("query", "value"),
+) -> Path:
+    """A real PEFT folder whose every delta lies in its group's fixed (output, input) subspaces (the input
+    subspace of `in_group` where given: a task a cluster holds on one side only)."""
+    make_lora(base, out, seed=seed, r=r, targets=targets)
     path = out / "adapter_model.safetensors"
     tensors = load_file(path)
     own = torch.Generator().manual_seed(1000 + seed)
@@ -37,6 +46,8 @@ def _group_lora(base: Path, out: Path, group: int, seed: int, r: int = 3) -> Pat
         module_seed = sum(map(ord, key.split(".lora_")[0])) * 10 + group
         shared = torch.Generator().manual_seed(module_seed)
         if ".lora_A." in key:  # (r, in): rows inside the group's input subspace
+            if in_group is not None:
+                shared = torch.Generator().manual_seed(module_seed - group + in_group)
             basis = torch.randn(GROUP_DIM, value.shape[1], generator=shared)
             tensors[key] = torch.randn(value.shape[0], GROUP_DIM, generator=own) @ basis * 0.3
         else:  # (out, r): columns inside the group's output subspace
@@ -157,7 +168,8 @@ def test_bad_cluster_counts_are_refused_before_writing(
     for settings, expected in (
         ("  clusters: 5", "more than the zoo's 3 tasks"),
         ("  clusters: 0", "clusters"),
-        ("  clusters: 2\n  target: {ratio: 4}", "clusters"),
+        ("  clusters: 2\n  budget_bytes: 4000", "for a byte budget give target: {bytes: N}"),
+        ("  clusters: 5\n  target: {ratio: 2}", "more than the zoo's 3 tasks"),
     ):
         recipe = write_recipe(
             tmp_path / "bad.yaml",
@@ -216,3 +228,151 @@ def test_auto_keeps_the_best_count_at_the_bytes_of_one_basis(
     assert auto.stored_numbers() <= one.stored_numbers()
     mean_error = sum(e["rel_error"] for e in auto.manifest["tasks"].values()) / len(two_group_zoo)
     assert abs(mean_error - best["mean_rel_error"]) < 1e-3
+
+
+def _stored_deltas(store: SubspaceStore) -> dict[str, dict[str, torch.Tensor]]:
+    """Every task's deltas as the store holds them (B A from its factors), per slot."""
+    return {name: {m: B @ A for m, (B, A) in store.task_factors(name).items()} for name in store.tasks}
+
+
+def _assert_same_deltas(before: dict, after: dict) -> None:
+    for name, slots in before.items():
+        for module, dense in slots.items():
+            torch.testing.assert_close(after[name][module], dense, atol=1e-6, rtol=0)
+
+
+def _first_and_last(store: SubspaceStore) -> tuple[int, int]:
+    """The zoo groups whose clusters come first and last in every slot's columns."""
+    home = {int(name[1]): entry["cluster"] for name, entry in store.manifest["tasks"].items()}
+    by_cluster = {c: g for g, c in home.items()}
+    return by_cluster[0], by_cluster[1]
+
+
+def test_add_grows_the_cluster_that_holds_the_task_best(
+    tiny_bert: Path, clustered: Path, tmp_path: Path
+) -> None:
+    """A task whose outputs lie in the first cluster's subspace and whose inputs in a third one: `add` grows
+    the first cluster's blocks, the second cluster's columns move along, and every older task reads back
+    as before."""
+    shutil.copytree(clustered, tmp_path / "store")
+    store = SubspaceStore(tmp_path / "store")
+    first, _ = _first_and_last(store)
+    before = _stored_deltas(store)
+    fresh = _group_lora(tiny_bert, tmp_path / "new" / "mixed", group=first, in_group=2, seed=50)
+    result = CliRunner().invoke(main, ["add", str(store.path), str(fresh), "--max-rel-error", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert "grew cluster 0's basis" in result.output and "projection alone" in result.output
+    store = SubspaceStore(store.path)  # reopened: the manifest validator passes
+    assert store.verify() == []
+    entry = store.manifest["tasks"]["mixed"]
+    assert entry["cluster"] == 0 and entry["rel_error"] <= 0.05 and entry["grown_from_rel_error"] > 0.3
+    for module, meta in store.manifest["slots"].items():
+        (o0, k0, i0, j0), (o1, k1, i1, j1) = meta["clusters"]
+        assert (o0, i0) == (0, 0) and (k0, j0) >= (2, 2) and (o1, i1) == (k0, j0) and (k1, j1) == (2, 2)
+        assert (meta["k_out"], meta["k_in"]) == (k0 + 2, j0 + 2), module
+        assert entry["slots"][module]["k_out"] == k0 and entry["slots"][module]["o_out"] == 0
+    assert j0 > 2  # the inputs came from the third subspace: the right bases grew
+    _assert_same_deltas(before, _stored_deltas(store))
+    out = store.reconstruct("mixed", tmp_path / "rebuilt")
+    original, rebuilt = dense_deltas(fresh), dense_deltas(out)
+    error = sum((rebuilt[m] - original[m]).norm() ** 2 for m in original) ** 0.5
+    assert error / sum(d.norm() ** 2 for d in original.values()) ** 0.5 <= 0.05
+    torch.testing.assert_close(
+        peft_logits(tiny_bert, out), peft_logits(tiny_bert, fresh), atol=1e-2, rtol=1e-2
+    )
+
+
+def test_add_many_grows_different_clusters_in_one_write(
+    tiny_bert: Path, two_group_zoo: list[Path], clustered: Path, tmp_path: Path
+) -> None:
+    """Two tasks in one batch, each held by a different cluster on one side only: each grows its own
+    cluster; the merge of every task is the sum of the deltas the store holds; older tasks are untouched."""
+    shutil.copytree(clustered, tmp_path / "store")
+    store = SubspaceStore(tmp_path / "store")
+    first, last = _first_and_last(store)
+    before = _stored_deltas(store)
+    new = [
+        _group_lora(tiny_bert, tmp_path / "new" / "a", group=first, in_group=2, seed=51),
+        _group_lora(tiny_bert, tmp_path / "new" / "b", group=last, in_group=3, seed=52),
+    ]
+    result = CliRunner().invoke(
+        main, ["add-many", str(store.path), *map(str, new), "--policy", "auto", "--max-rel-error", "0.05"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "grew cluster 0's basis" in result.output and "grew cluster 1's basis" in result.output
+    store = SubspaceStore(store.path)
+    assert store.verify() == [] and store.manifest["basis_file"] == "basis-1.safetensors"
+    assert not (store.path / "basis.safetensors").exists()
+    tasks = store.manifest["tasks"]
+    assert (tasks["a"]["cluster"], tasks["b"]["cluster"]) == (0, 1)
+    assert max(tasks["a"]["rel_error"], tasks["b"]["rel_error"]) <= 0.05
+    for module, meta in store.manifest["slots"].items():
+        (_, k0, _, j0), (o1, k1, i1, j1) = meta["clusters"]
+        assert (o1, i1) == (k0, j0) and (meta["k_out"], meta["k_in"]) == (k0 + k1, j0 + j1), module
+        for name, entry in tasks.items():  # the first task's core, encoded before the second grew, fits
+            stats = entry["slots"][module]
+            assert stats["o_out"] + stats["k_out"] <= meta["k_out"], (name, module)
+    stored = _stored_deltas(store)
+    _assert_same_deltas(before, stored)
+    for adapter in new:
+        original = dense_deltas(adapter)
+        error = sum((stored[adapter.name][m] - original[m]).norm() ** 2 for m in original) ** 0.5
+        assert error / sum(d.norm() ** 2 for d in original.values()) ** 0.5 <= 0.05
+    names = store.tasks
+    listed = "\n".join(f"  - name: {n}" for n in names)
+    recipe = write_recipe(
+        tmp_path / "merge.yaml", f"store: {store.path}\nmerge_method: task_arithmetic\ntasks:\n{listed}\n"
+    )
+    result = CliRunner().invoke(main, ["merge", str(recipe), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = dense_deltas(tmp_path / "merged" / names[0])
+    for module, dense in merged.items():
+        expected = sum(stored[n][module] for n in names if module in stored[n])
+        torch.testing.assert_close(dense, expected.to(dense.dtype), atol=1e-4, rtol=1e-4)
+
+
+def test_a_cluster_new_to_a_slot_gets_a_block_there(tiny_bert: Path, tmp_path: Path) -> None:
+    """A cluster whose tasks adapt only the query slots has no columns in the value slots; a task of its
+    group that adapts the value slots too makes it a new block at the end of the value slots' columns. (Two
+    tasks, one per cluster: the split is then certain.)"""
+    zoo = tmp_path / "zoo"
+    adapters = [
+        _group_lora(tiny_bert, zoo / "g0-0", group=0, seed=0),
+        _group_lora(tiny_bert, zoo / "g1-0", group=1, seed=1, targets=("query",)),
+    ]
+    store = SubspaceStore(_compress(tmp_path, tiny_bert, adapters, "  k: 2\n  clusters: 2", "partial"))
+    query_only = store.manifest["tasks"]["g1-0"]["cluster"]
+    value_slots = [m for m in store.slots if "value" in m]
+    assert all(store.manifest["slots"][m]["clusters"][query_only] is None for m in value_slots)
+    before = _stored_deltas(store)
+    fresh = _group_lora(tiny_bert, tmp_path / "new" / "g1-both", group=1, seed=60)
+    result = CliRunner().invoke(main, ["add", str(store.path), str(fresh), "--policy", "project"])
+    assert result.exit_code == 2 and "--policy auto" in result.output, result.output  # the other cluster
+    result = CliRunner().invoke(main, ["add", str(store.path), str(fresh), "--max-rel-error", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert f"grew cluster {query_only}'s basis" in result.output
+    store = SubspaceStore(store.path)
+    assert store.verify() == [] and store.manifest["tasks"]["g1-both"]["cluster"] == query_only
+    for module in value_slots:
+        meta = store.manifest["slots"][module]
+        other = meta["clusters"][1 - query_only]
+        o_out, k_out, o_in, k_in = meta["clusters"][query_only]
+        assert (o_out, o_in) == (other[1], other[3]) and (o_out + k_out, o_in + k_in) == (
+            meta["k_out"],
+            meta["k_in"],
+        )
+    _assert_same_deltas(before, _stored_deltas(store))
+    assert store.manifest["tasks"]["g1-both"]["rel_error"] <= 0.05
+
+
+def test_project_policy_still_refuses_a_task_no_cluster_holds(
+    tiny_bert: Path, clustered: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(clustered, tmp_path / "store")
+    snapshot = {p: p.read_bytes() for p in sorted((tmp_path / "store").rglob("*")) if p.is_file()}
+    fresh = _group_lora(tiny_bert, tmp_path / "new" / "third", group=2, seed=70)
+    for command in (["add", "--policy", "project"], ["add-many", "--policy", "project"]):
+        result = CliRunner().invoke(main, [command[0], str(tmp_path / "store"), str(fresh), *command[1:]])
+        assert result.exit_code == 2 and "would be stored with relative error" in result.output, result.output
+        assert "nothing was written" in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "store").rglob("*")) if p.is_file()} == snapshot

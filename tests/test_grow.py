@@ -178,8 +178,9 @@ def test_add_many_refuses_a_batch_with_a_task_above_the_guard(
     fresh = make_lora(tiny_bert, tmp_path / "new" / "fresh", seed=77, r=4)
     before = _snapshot(store_path)
     result = CliRunner().invoke(
-        main, ["add-many", str(store_path), str(bert_zoo[0].parent / "task3"), str(fresh)]
+        main,
+        ["add-many", str(store_path), str(bert_zoo[0].parent / "task3"), str(fresh), "--policy", "project"],
     )
     assert result.exit_code == 2, result.output
-    assert "would be stored with relative error" in result.output and "add --policy auto" in result.output
+    assert "would be stored with relative error" in result.output and "--policy auto" in result.output
     assert _snapshot(store_path) == before

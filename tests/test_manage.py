@@ -320,7 +320,7 @@ def test_add_many_refuses_a_store_changed_meanwhile(
     import mergekit_subspace.manage as manage
 
     store_path = compress_zoo(tmp_path / "s", tiny_bert, bert_zoo[1:3])
-    real = manage.encode_slot
+    real = manage.encode_on_cluster
     calls = []
 
     def meddling(*args, **kwargs):
@@ -329,7 +329,7 @@ def test_add_many_refuses_a_store_changed_meanwhile(
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(manage, "encode_slot", meddling)
+    monkeypatch.setattr(manage, "encode_on_cluster", meddling)
     with pytest.raises(SubspaceError, match="changed while this ran"):
         SubspaceStore(store_path).add_many([bert_zoo[0], bert_zoo[3]], progress=False, max_rel_error=1.0)
     store = assert_intact(store_path)

@@ -479,12 +479,20 @@ def _load_task_base(base_dir: str, task: VitTask) -> Any:
 
 
 def evaluate_adapter(adapter_dir: str | os.PathLike[str], base_dir: str, eval_path: Path) -> float:
-    """Accuracy of a *saved* adapter, reloaded through PEFT (``mergekit_subspace.eval.image``)."""
-    from mergekit_subspace.eval.image import image_classification_accuracy
+    """Accuracy of a *saved* adapter, reloaded through PEFT (``mergekit_subspace.eval.image``).
+
+    An adapter without a head of its own (frozen-head zoo) uses the base's head, so it is scored as the
+    base alone is: that head's logits restricted to the task's classes (the eval file's ``base_label_ids``).
+    """
+    from mergekit_subspace.eval.image import image_classification_accuracy, load_image_classifier
+    from mergekit_subspace.eval.models import head_size
 
     limit_threads()
     with quiet_hf():
-        return image_classification_accuracy(base_dir, str(adapter_dir), eval_path)
+        if head_size(adapter_dir) is not None:
+            return image_classification_accuracy(base_dir, str(adapter_dir), eval_path)
+        model = load_image_classifier(base_dir, str(adapter_dir))
+        return image_classification_accuracy(base_dir, None, eval_path, model=model)
 
 
 def train_lora(
@@ -501,16 +509,30 @@ def train_lora(
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = DEFAULT_LR,
     extra_entry: dict[str, Any] | None = None,
+    frozen_head: bool = False,
 ) -> dict[str, Any]:
-    """Train one q/v LoRA (head in ``modules_to_save``), save it, reload it through PEFT and score it."""
+    """Train one q/v LoRA (head in ``modules_to_save``), save it, reload it through PEFT and score it.
+
+    ``frozen_head``: train the LoRA alone against the base's own head, restricted to the task's
+    ``base_label_ids``; the folder then holds no head, so a merge of such adapters shares the head exactly.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import ViTForImageClassification
 
     limit_threads()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    base = _load_task_base(base_dir, task)
+    if frozen_head:
+        if task.base_label_ids is None:
+            raise ValueError(f"{task.name}: a frozen head needs the task's base_label_ids")
+        with quiet_hf():
+            base = ViTForImageClassification.from_pretrained(base_dir)
+        label_ids = torch.tensor(task.base_label_ids)
+    else:
+        base, label_ids = _load_task_base(base_dir, task), None
+    modules_to_save = None if frozen_head else ["classifier"]
     target_modules = tuple(target_modules or attention_targets(base))
     config = LoraConfig(
         task_type=None,
@@ -518,7 +540,7 @@ def train_lora(
         lora_alpha=lora_alpha,
         target_modules=list(target_modules),
         lora_dropout=0.0,
-        modules_to_save=["classifier"],
+        modules_to_save=modules_to_save,
     )
     with quiet_hf():
         model = get_peft_model(base, config)
@@ -536,8 +558,10 @@ def train_lora(
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor : cursor + batch_size]
         cursor += batch_size
-        loss = model(pixel_values=data.train_x[idx]).logits
-        loss = torch.nn.functional.cross_entropy(loss, data.train_y[idx])
+        logits = model(pixel_values=data.train_x[idx]).logits
+        if label_ids is not None:
+            logits = logits[:, label_ids]
+        loss = torch.nn.functional.cross_entropy(logits, data.train_y[idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -563,7 +587,7 @@ def train_lora(
         "r": r,
         "lora_alpha": lora_alpha,
         "target_modules": list(target_modules),
-        "modules_to_save": ["classifier"],
+        "modules_to_save": modules_to_save or [],
         "seed": seed,
         "steps": steps,
         "batch_size": batch_size,

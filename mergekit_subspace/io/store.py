@@ -119,16 +119,23 @@ def append_basis_columns(
     Y: torch.Tensor,
     dtype: str,
     root: Path,
+    at: tuple[int, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The basis file's tensors with columns X, Y appended to one slot's U, V, and that slot's bases as they
-    will read back. The old columns keep their stored values exactly (older cores stay valid): an int8 basis
-    encodes the new columns with the slot's existing scales, clipping what they cannot hold (the task's
-    error is measured on the bases as stored)."""
+    """The basis file's tensors with columns X, Y added to one slot's U, V (at the end, or before columns
+    `at` of U and V: a clustered store grows one cluster's block), and that slot's bases as they will read
+    back. The old columns keep their stored values exactly (older cores stay valid): an int8 basis encodes
+    the new columns with the slot's existing scales, clipping what they cannot hold (the task's error is
+    measured on the bases as stored)."""
     key_u, key_v = basis_keys(module)
     out = dict(tensors)
+    where = at or (tensors[key_u].shape[1], tensors[key_v].shape[1])
+
+    def put(old: torch.Tensor, new: torch.Tensor, column: int) -> torch.Tensor:
+        return torch.cat([old[:, :column], new, old[:, column:]], dim=1)
+
     if dtype in FLOAT_DTYPES:
-        out[key_u] = torch.cat([tensors[key_u], X.to(number_dtype(dtype))], dim=1)
-        out[key_v] = torch.cat([tensors[key_v], Y.to(number_dtype(dtype))], dim=1)
+        out[key_u] = put(tensors[key_u], X.to(number_dtype(dtype)), where[0])
+        out[key_v] = put(tensors[key_v], Y.to(number_dtype(dtype)), where[1])
         return out, (out[key_u], out[key_v])
     if dtype != "int8":
         raise SubspaceError(
@@ -137,9 +144,9 @@ def append_basis_columns(
         )
     scale_u, scale_v = (float(x) for x in tensors[module + SCALE_SUFFIX])
     grown = []
-    for key, new, scale in ((key_u, X, scale_u), (key_v, Y, scale_v)):
+    for key, new, scale, column in ((key_u, X, scale_u, where[0]), (key_v, Y, scale_v, where[1])):
         levels = torch.round(new.to(torch.float64) / scale).clamp_(-127, 127).to(torch.int8)
-        out[key] = torch.cat([tensors[key], levels], dim=1)
+        out[key] = put(tensors[key], levels, column)
         grown.append(decode(out[key], scale))
     return out, (grown[0], grown[1])
 
