@@ -376,3 +376,21 @@ def test_project_policy_still_refuses_a_task_no_cluster_holds(
         assert result.exit_code == 2 and "would be stored with relative error" in result.output, result.output
         assert "nothing was written" in result.output and "Traceback" not in result.output
     assert {p: p.read_bytes() for p in sorted((tmp_path / "store").rglob("*")) if p.is_file()} == snapshot
+
+
+def test_groups_that_adapt_different_slots_split_exactly(tiny_bert: Path, tmp_path: Path) -> None:
+    """Three query/value tasks of one group and three query-only tasks of another: the start must group them
+    by the directions they use (the cores as vectors are near-orthogonal within a group), and two clusters of
+    k = 2 then hold every task exactly."""
+    from mergekit_subspace.clusters import fit_clusters
+    from mergekit_subspace.recipe import SubspaceSettings
+    from mergekit_subspace.sources import lora_task
+
+    adapters = [_group_lora(tiny_bert, tmp_path / f"g0-{i}", group=0, seed=i) for i in range(3)] + [
+        _group_lora(tiny_bert, tmp_path / f"g1-{i}", group=1, seed=10 + i, targets=("query",))
+        for i in range(3)
+    ]
+    fit = fit_clusters([lora_task(p) for p in adapters], SubspaceSettings(k=2), 2)
+    groups = {c: {n.split("-")[0] for n, k in fit.labels.items() if k == c} for c in (0, 1)}
+    assert sorted(map(sorted, groups.values())) == [["g0"], ["g1"]]
+    assert fit.mean_error() < 1e-6
