@@ -124,17 +124,22 @@ def worker_mergekit(job: dict[str, Any]) -> dict[str, Any]:
     return timing | {"folder": job["out"]}
 
 
-def worker_peft(job: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
+def peft_worker(auto_class: str):
+    """PEFT add_weighted_adapter on the base loaded by the named transformers Auto class."""
 
-    timing = merge_peers.peft_merge(
-        job["adapters"],
-        lambda: AutoModelForCausalLM.from_pretrained(job["base"]),
-        job["method"],
-        DENSITY,
-        Path(job["out"]),
-    )
-    return timing | {"folder": str(Path(job["out"]) / "merged")}
+    def worker(job: dict[str, Any]) -> dict[str, Any]:
+        import transformers
+
+        timing = merge_peers.peft_merge(
+            job["adapters"],
+            lambda: getattr(transformers, auto_class).from_pretrained(job["base"]),
+            job["method"],
+            DENSITY,
+            Path(job["out"]),
+        )
+        return timing | {"folder": str(Path(job["out"]) / "merged")}
+
+    return worker
 
 
 def _guarded(fn):
@@ -152,7 +157,7 @@ def _guarded(fn):
 WORKERS = {
     "ours": _guarded(worker_ours),
     "mergekit": _guarded(worker_mergekit),
-    "peft": _guarded(worker_peft),
+    "peft": _guarded(peft_worker("AutoModelForCausalLM")),
 }
 
 

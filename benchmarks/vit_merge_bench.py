@@ -57,24 +57,10 @@ AUTO_LABEL = "ours auto (best on validation)"
 # ---------------------------------------------------------------------------------------------- workers
 
 
-def worker_peft(job: dict[str, Any]) -> dict[str, Any]:
-    """PEFT add_weighted_adapter on the ViT (the decoder bench's worker loads a causal LM)."""
-    from transformers import AutoModelForImageClassification
-
-    timing = merge_peers.peft_merge(
-        job["adapters"],
-        lambda: AutoModelForImageClassification.from_pretrained(job["base"]),
-        job["method"],
-        DENSITY,
-        Path(job["out"]),
-    )
-    return timing | {"folder": str(Path(job["out"]) / "merged")}
-
-
 WORKERS = {
     "ours": headless.WORKERS["ours"],
     "mergekit": headless.WORKERS["mergekit"],
-    "peft": headless._guarded(worker_peft),
+    "peft": headless._guarded(headless.peft_worker("AutoModelForImageClassification")),
 }
 
 
