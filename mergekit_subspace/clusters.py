@@ -338,8 +338,7 @@ def compress_clustered(
         by_task, sizes = assigned
         labels = [by_task[t.name] for t in tasks]
         fits = _fit_each(tasks, labels, len(sizes), _plain(settings), base, device, sizes)
-        rel = [[math.sqrt(e / n) if n else 0.0 for e, n in (_task_errors(t, f) for f in fits)] for t in tasks]
-        fit = ClusterFit(dict(by_task), fits, {t.name: r for t, r in zip(tasks, rel, strict=True)}, 0)
+        fit = ClusterFit(dict(by_task), fits, {}, 0)  # the target's line reports it; no rounds to describe
         tried: list[dict[str, Any]] = []
     elif settings.clusters == "auto":
         fit, settings, tried = choose_clusters(tasks, settings, base, device, progress)
@@ -387,7 +386,8 @@ def compress_clustered(
         out, tasks, union_fit, per_slot, settings, identity, overwrite, progress, slot_notes, task_notes
     )
     store = store_cls(out)
-    store.cluster_fit = fit  # what compress reports: rounds, moves, the auto table
+    if assigned is None:
+        store.cluster_fit = fit  # what compress reports: rounds, moves, the auto table
     store.cluster_choices = tried
     return store
 

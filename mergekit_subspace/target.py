@@ -479,7 +479,9 @@ def describe(store: SubspaceStore) -> str | None:
     return (
         f"target {asked}: chose {chosen['dtype']} ({chosen['why']}"
         + (f"; sized by {chosen['sized_by']}" if chosen.get("sized_by", "").startswith("output") else "")
-        + f"), k_out {chosen['k_out'][0]}-"
+        + ")"
+        + (f", {chosen['clusters']} clusters" if chosen.get("clusters", 1) > 1 else "")
+        + f", k_out {chosen['k_out'][0]}-"
         f"{chosen['k_out'][1]} per slot, predicted mean rel. error {chosen['predicted_rel_error']:.3g}"
         + (f" (others: {others})" if others else "")
         + f"; measured {mean_rel_error(store):.3g}, ratio {info['ratio']:.1f}x, {info['bytes']['store']:,} bytes"
