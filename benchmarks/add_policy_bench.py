@@ -188,12 +188,14 @@ def rewrite_report(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mergekit_subspace.add_policy import DEFAULT_MAX_REL_ERROR
+
     parser = zoo_parser(__doc__)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--k-in", type=int, default=None)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--held-out", type=int, default=6)
-    parser.add_argument("--max-rel-error", type=float, default=0.5)
+    parser.add_argument("--max-rel-error", type=float, default=DEFAULT_MAX_REL_ERROR, help="the add guard")
     args = parser.parse_args(argv)
     return run_and_write("benchmarks.add_policy_bench", args, argv, run, report)
 

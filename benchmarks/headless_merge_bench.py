@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_ZOO = "benchmarks/cache/decoder8"
-DEFAULT_OUT = "benchmarks/results/merge-headless"
+DEFAULT_OUT = "benchmarks/results/merge-headless-full"
 DEFAULT_GRID = (0.25, 0.5, 1.0, 2.0)
 DEFAULT_VAL = 24
 DEFAULT_TEST = 64

@@ -13,9 +13,12 @@ Protocol (issue 14):
 - methods: the plain mean (lambda 1), every method of our registry, mergekit 0.1.5 (task_arithmetic, ties,
   dare_ties, breadcrumbs, della, on W_base + D_i) and PEFT `add_weighted_adapter` (cat, svd, ties_svd), all
   from `headless_merge_bench.plans`; lambda chosen on validation over one grid by one code path for all;
-- `merge_method: auto` reads text validation files only, so its choice is made here from the same
-  validation scores with the library's rule (`select.choose_method`: best mean validation score at its own
-  best lambda, over every registered method that ran);
+- *ours auto*: the choice `merge_method: auto` makes, from the same validation scores with the library's
+  rule (`select.choose_method`: best mean validation score at its own best lambda, over every registered
+  method that ran);
+- *ours auto + task weights*: the library's own validation path run whole in one fresh process
+  (`merge_method: auto` on the validation split written as image files, then `validation.task_weight_grid`:
+  each task's weight times 0, 0.5 or 2, kept where the mean validation score rises), scored on the test split;
 - normalized accuracy = merged test accuracy / the task's own adapter's test accuracy; mean and worst task;
 - seconds and peak RSS of each merge in one fresh interpreter per tool, at lambda 1.
 
@@ -57,10 +60,50 @@ AUTO_LABEL = "ours auto (best on validation)"
 # ---------------------------------------------------------------------------------------------- workers
 
 
+TUNED_LABEL = "ours auto + task weights (library, on validation)"
+TASK_WEIGHT_GRID = (0.0, 0.5, 2.0)  # each task's weight times one of these, after auto's method and lambda
+
+
+def worker_tuned(job: dict[str, Any]) -> dict[str, Any]:
+    """The library's whole validation path: `merge_method: auto` over every registered method and the lambda
+    grid on the image validation files, then `validation.task_weight_grid`; one head-less folder."""
+    from mergekit_subspace.merge import merge
+
+    with quiet_hf():
+        result = merge(
+            {
+                "merge_method": "auto",
+                "adapters": job["adapters"],
+                "base_model": job["base"],
+                "parameters": {"density": DENSITY},
+                "tasks": [{"name": name, "validation": path} for name, path in job["validation"].items()],
+                "validation": {
+                    "lambda_grid": job["grid"],
+                    "max_examples": None,
+                    "task_weight_grid": list(TASK_WEIGHT_GRID),
+                },
+                "output": {"path": job["out"], "heads": "none"},
+            },
+            progress=False,
+        )
+    (folder,) = result.folders.values()
+    report = result.report
+    return {
+        "merge_s": report["seconds"]["merge"],
+        "end_to_end_s": report["seconds"]["total"],
+        "phases": report["seconds"],
+        "folder": str(folder),
+        "chosen": report["method"],
+        "lambda": report["lambda"],
+        "task_weights": report["validation"]["task_weights"],
+    }
+
+
 WORKERS = {
     "ours": headless.WORKERS["ours"],
     "mergekit": headless.WORKERS["mergekit"],
     "peft": headless._guarded(headless.peft_worker("AutoModelForImageClassification")),
+    "tuned": headless._guarded(worker_tuned),
 }
 
 
@@ -181,6 +224,65 @@ def auto_row(rows: list[dict[str, Any]], own: dict[str, float]) -> dict[str, Any
     return row
 
 
+def validation_files(ev: ImageEvaluator, tasks: list[str], folder: Path) -> dict[str, str]:
+    """Each task's validation split as the image .safetensors file the library's validation reads."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for task in tasks:
+        pixels, labels = ev.data[task]["val"]
+        ids = ev.data[task]["label_ids"]
+        path = folder / f"{task}.safetensors"
+        save_file(
+            {"pixel_values": pixels.contiguous(), "labels": labels.contiguous(), "base_label_ids": ids}, path
+        )
+        files[task] = str(path)
+    return files
+
+
+def tuned_rows(
+    subsets: list[tuple[int, tuple[str, ...]]],
+    paths: dict[str, str],
+    base: str,
+    ev: ImageEvaluator,
+    own: dict[str, float],
+    grid: list[float],
+    work: Path,
+) -> list[dict[str, Any]]:
+    """The library's auto + task weights per subset (one fresh process), scored on the test split."""
+    val = validation_files(ev, sorted({t for _, s in subsets for t in s}), work / "validation")
+    runs = [
+        {
+            "method": "auto+task_weights",
+            "size": size,
+            "subset": "+".join(subset),
+            "adapters": [paths[t] for t in subset],
+            "validation": {Path(paths[t]).name: val[t] for t in subset},
+            "grid": grid,
+            "out": str(work / f"tuned-{'+'.join(subset)}"),
+        }
+        for size, subset in subsets
+    ]
+    tick = time.perf_counter()
+    results = merge_peers.run_worker({"family": "tuned", "base": base, "runs": runs}, work, MODULE)
+    print(f"tuned: {len(runs)} merges with validation ({time.perf_counter() - tick:.0f}s)", flush=True)
+    rows = []
+    for (size, subset), timing in zip(subsets, results, strict=True):
+        row = {"label": TUNED_LABEL, "family": "ours", "method": "auto+task_weights", "size": size}
+        row |= {"subset": "+".join(subset), "val_means": []} | {
+            k: v for k, v in timing.items() if k != "folder"
+        }
+        if "error" not in timing:
+            folder = Path(timing["folder"])
+            row["test"] = {t: sc[0] for t, sc in ev.scores(folder, list(subset), "test", [1.0]).items()}
+            headless.summarize(row, own)
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"T={size} tuned -> {row['chosen']}: norm mean {row['normalized_mean']:.3f}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default=DEFAULT_ZOO, help="frozen-head ViT zoo (benchmarks.zoos.vit_frozen)")
@@ -274,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"T={size} auto -> {auto['chosen']}: norm mean {auto['normalized_mean']:.3f}", flush=True)
         result["seconds_total"] = time.perf_counter() - started
         write_report(result, out, plot_too=False)
+    if not args.only or "ours:auto+task_weights" in args.only:
+        result["rows"] += tuned_rows(subsets, paths, base, ev, own, args.grid, work)
     result["seconds_total"] = time.perf_counter() - started
     write_report(result, out, plot_too=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -328,15 +432,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"{min(tests)} images, so differences under ~0.02 in a subset mean are not resolved; the subsets (and so the "
         "means over them) are few.",
         "",
-        f"*{AUTO_LABEL}*: `merge_method: auto` cannot read image validation files, so its pick is made from the "
-        "validation scores above with the library's rule (`select.choose_method`) over every registered method "
-        "that ran (the plain mean is not a candidate here); its seconds are the candidates' merges summed and its "
-        "RSS their largest, validation time not included. Seconds and peak RSS: one fresh process per tool, "
-        "lambda 1, adapter folders on disk to the tool's output on disk (*e2e*); *merge* = the merge step alone.",
+        f"*{AUTO_LABEL}*: `merge_method: auto`'s pick, made from the validation scores above with the library's "
+        "rule (`select.choose_method`) over every registered method that ran (the plain mean is not a candidate "
+        "here); its seconds are the candidates' merges summed and its RSS their largest, validation time not "
+        f"included. *{TUNED_LABEL}*: the library's validation path run whole (`merge_method: auto` over every "
+        "registered method and the lambda grid on the validation split written as image files, then "
+        f"`validation.task_weight_grid: {list(TASK_WEIGHT_GRID)}`, one sweep: each task's weight times each "
+        "scale, kept where the mean validation score rises), its folder scored on the test split; its seconds "
+        "include all of that validation and its RSS the model it scores with. Seconds and peak RSS: one fresh "
+        "process per tool, lambda 1, adapter folders on disk to the tool's output on disk (*e2e*); *merge* = "
+        "the merge step alone.",
         "",
-        "Left out: per-task weights (all 1), density other than 0.5, mergekit's other breadcrumbs/della "
-        "parameters (their defaults), `mean` as a tuned method (it is task_arithmetic at lambda / T), and more "
-        "subsets (the whole run is sized to a shared 2-core machine).",
+        "Left out: per-task weights for the peers (only the tuned row searches them), density other than 0.5, "
+        "mergekit's other breadcrumbs/della parameters (their defaults), `mean` as a tuned method (it is "
+        "task_arithmetic at lambda / T), and more subsets (the whole run is sized to a shared 2-core machine).",
         "",
         "Subsets: " + "; ".join(f"T={s['size']}: {', '.join(s['tasks'])}" for s in result["subsets"]),
         "",
@@ -390,6 +499,20 @@ def markdown(result: dict[str, Any]) -> str:
             "auto's picks: "
             + "; ".join(f"T={r['size']} {r['chosen']} (lambda {r['lambda']:g})" for r in picks),
         ]
+    tuned = [r for r in result["rows"] if r.get("method") == "auto+task_weights" and "task_weights" in r]
+    if tuned:
+        lines += [
+            "",
+            "auto + task weights, per subset (method, lambda, the scales that moved, validation score):",
+            "",
+        ]
+        for r in tuned:
+            moved = {t: s for t, s in r["task_weights"]["scales"].items() if s != 1.0}
+            shown = ", ".join(f"{t} x{s:g}" for t, s in moved.items()) or "none"
+            lines.append(
+                f"- T={r['size']} [{r['subset']}]: {r['chosen']}, lambda {r['lambda']:g}; {shown}; "
+                f"{r['task_weights']['start_score']:.3f} -> {r['task_weights']['score']:.3f}"
+            )
     lines += headless.per_subset_lines(result["rows"])
     lines += ["", "## Reference points (test split)", "", "| task | test images | own adapter | base alone |"]
     lines.append("|---|---|---|---|")

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from mergekit_subspace import quiet
+from mergekit_subspace.add_policy import DEFAULT_MAX_REL_ERROR, POLICIES
 from mergekit_subspace.command_errors import EXIT_BAD_INPUT, friendly
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.extras import require_extras
@@ -112,7 +113,7 @@ def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, 
 @click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin, loaded with weights_only=True.")
 @click.option(
     "--policy",
-    type=click.Choice(["auto", "project", "grow"]),
+    type=click.Choice(POLICIES),
     default="auto",
     show_default=True,
     help="project: coefficients on the basis as it is; grow: append the directions the basis misses; "
@@ -121,7 +122,7 @@ def compress(recipe: str, out: str | None, overwrite: bool, allow_pickle: bool, 
 @click.option(
     "--max-rel-error",
     type=float,
-    default=0.5,
+    default=DEFAULT_MAX_REL_ERROR,
     show_default=True,
     help="Refuse to store the task with a larger relative error (growth aims at half of it).",
 )

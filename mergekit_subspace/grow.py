@@ -26,15 +26,12 @@ from typing import Any
 
 import torch
 
+from mergekit_subspace.add_policy import GROW_MARGIN
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.codec import ITEM_BYTES
 from mergekit_subspace.io.store import append_basis_columns
 from mergekit_subspace.lowrank import COMPUTE_DTYPE, LowRankDelta
 from mergekit_subspace.sources import TaskSource
-
-POLICIES = ("auto", "project", "grow")
-DEFAULT_MAX_REL_ERROR = 0.5
-GROW_MARGIN = 0.5  # grow to half the guard, so quantization of the new columns cannot push it back over
 
 
 def _residual_directions(
@@ -238,11 +235,3 @@ def grow_blocks(
         _insert_block_columns(manifest, module, cluster, starts[module], a, b)
     _record_growth(manifest, grown, None)
     return grown
-
-
-def check_policy(policy: str, max_rel_error: float) -> None:
-    """Refuse a policy or guard that cannot be met, before anything is read."""
-    if policy not in POLICIES:
-        raise SubspaceError(f"policy must be one of {', '.join(POLICIES)}, not '{policy}'")
-    if not max_rel_error > 0:  # NaN fails this too; inf means no guard
-        raise SubspaceError(f"max_rel_error must be a number above 0 (inf: no guard), not {max_rel_error}")

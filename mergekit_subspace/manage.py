@@ -27,10 +27,11 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from mergekit_subspace.add_policy import DEFAULT_MAX_REL_ERROR, check_policy
 from mergekit_subspace.clusters import encode_on_cluster, is_clustered, place_on_clusters
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import check_device
-from mergekit_subspace.grow import DEFAULT_MAX_REL_ERROR, GrowingBases, check_policy, grow_blocks
+from mergekit_subspace.grow import GrowingBases, grow_blocks
 from mergekit_subspace.io.files import (
     _fsync_dir,
     atomic_directory,

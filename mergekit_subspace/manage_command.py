@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from mergekit_subspace.add_policy import DEFAULT_MAX_REL_ERROR, POLICIES
 from mergekit_subspace.command_errors import friendly
 
 if TYPE_CHECKING:
@@ -88,13 +89,13 @@ def rename(store: str, old: str, new: str) -> None:
 @click.option(
     "--max-rel-error",
     type=float,
-    default=0.5,
+    default=DEFAULT_MAX_REL_ERROR,
     show_default=True,
     help="Refuse the batch if any task would be stored with a larger relative error.",
 )
 @click.option(
     "--policy",
-    type=click.Choice(["auto", "project", "grow"]),
+    type=click.Choice(POLICIES),
     default="auto",
     show_default=True,
     help="auto/grow: grow the basis (a clustered store: the cluster that holds the task best) for a task "

@@ -16,18 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mergekit_subspace import parallel
+from mergekit_subspace.add_policy import DEFAULT_MAX_REL_ERROR, GROW_MARGIN, check_policy
 from mergekit_subspace.basis import SlotBasis
 from mergekit_subspace.clusters import is_clustered
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis, check_device
-from mergekit_subspace.grow import (
-    DEFAULT_MAX_REL_ERROR,
-    GROW_MARGIN,
-    SlotGrowth,
-    check_policy,
-    plan_growth,
-    slot_growth,
-)
+from mergekit_subspace.grow import SlotGrowth, plan_growth, slot_growth
 from mergekit_subspace.io.checkpoint import Checkpoint
 from mergekit_subspace.io.codec import (
     ITEM_BYTES,
@@ -35,7 +29,7 @@ from mergekit_subspace.io.codec import (
     SlotLayout,
     assemble_cores,
     encode_core,
-    extras_dtype,
+    encode_extra,
 )
 from mergekit_subspace.io.files import atomic_directory, check_output, sha256_bytes, tensors_to_bytes
 from mergekit_subspace.io.peft import label_config, read_labels, write_lora_adapter
@@ -171,13 +165,11 @@ def _task_file_and_entry(
     for module in sorted(slots):
         total_err += slots[module].err_sq
         total_norm += slots[module].norm_sq
-    keep_as = extras_dtype(dtype)
     raw = dict(task.extras.items())
-    extras = {
-        key: value.to(keep_as) if keep_as is not None and value.is_floating_point() else value
-        for key, value in raw.items()
-    }
-    data = tensors_to_bytes(task_tensors(packed, extras), metadata={"format": FORMAT})
+    encoded = {key: encode_extra(value, dtype) for key, value in raw.items()}
+    extras = {key: stored for key, (stored, _) in encoded.items()}
+    row_scales = {key: scales for key, (_, scales) in encoded.items() if scales is not None}
+    data = tensors_to_bytes(task_tensors(packed, extras, row_scales), metadata={"format": FORMAT})
     entry = {
         "kind": task.kind,
         "source": task.source,

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from conftest import make_lora, peft_logits
 from test_store import compress_zoo, dense_deltas
 
+from mergekit_subspace.add_policy import DEFAULT_MAX_REL_ERROR
 from mergekit_subspace.cli import main
 from mergekit_subspace.grow import plan_growth, slot_growth
 from mergekit_subspace.io.peft import read_lora_adapter
@@ -52,7 +53,7 @@ def test_project_refuses_a_task_the_basis_cannot_hold(
     before = _snapshot(store_path)
     result = CliRunner().invoke(main, ["add", str(store_path), str(fresh), "--policy", "project"])
     assert result.exit_code == 2, result.output
-    assert "relative error" in result.output and "max_rel_error 0.5" in result.output
+    assert "relative error" in result.output and f"max_rel_error {DEFAULT_MAX_REL_ERROR:g}" in result.output
     assert "Traceback" not in result.output
     assert _snapshot(store_path) == before
     for bad in (["--max-rel-error", "0"], ["--max-rel-error", "nan"], ["--policy", "sideways"]):

@@ -10,6 +10,7 @@ import torch
 from conftest import make_lora
 from test_merge import _bert_with_tokenizer, _head_centred_at, _predict, _texts, dense, make_store, run_recipe
 
+from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.merge import METHODS
 from mergekit_subspace.merge.recipe import merge_recipe_from_dict
 
@@ -125,3 +126,31 @@ def test_auto_candidates_and_parameters_from_python() -> None:
     )
     assert recipe.candidates == ["tsv", "ties"]
     assert merge_recipe_from_dict({"merge_method": "ties", "store": "s"}).candidates == ["ties"]
+
+
+def test_task_weights_on_validation_turn_down_the_task_that_hurts(case: dict, tmp_path: Path) -> None:
+    """tb at weight 1 mixes into ta's merge and lowers ta's score; the task-weight search finds tb x 0 (the
+    merge is then ta alone, score 1), records every step, and writes that merge."""
+    recipe = case["recipe"] | {
+        "merge_method": "task_arithmetic",
+        "tasks": [{"name": "ta", "validation": case["recipe"]["tasks"][0]["validation"]}, {"name": "tb"}],
+        "validation": {"lambda_grid": [1.0], "task_weight_grid": [0.0, 1.0]},
+    }
+    code, output = run_recipe(tmp_path, recipe)
+    assert code == 0, output
+    assert "task weights on validation: 1.0000 (tb x0)" in output
+    tuned = json.loads((case["out"] / "merge_report.json").read_text())["validation"]["task_weights"]
+    assert tuned["scales"] == {"ta": 1.0, "tb": 0.0}
+    assert tuned["start_score"] < 1.0 and tuned["score"] == 1.0 and tuned["task_scores"] == {"ta": 1.0}
+    assert {(s["task"], s["scale"]) for s in tuned["steps"]} == {("ta", 0.0), ("tb", 0.0)}
+    written, original = dense(case["out"] / "ta"), dense(case["ta"])
+    for module, delta in original.items():
+        torch.testing.assert_close(written[module], delta, atol=1e-5, rtol=1e-5)
+
+
+def test_task_weight_grid_needs_validation_data_and_scales_in_range(case: dict) -> None:
+    base = {k: v for k, v in case["recipe"].items() if k != "tasks"} | {"merge_method": "task_arithmetic"}
+    with pytest.raises(SubspaceError, match="task_weight_grid needs validation data"):
+        merge_recipe_from_dict(base | {"validation": {"task_weight_grid": [0, 1]}})
+    with pytest.raises(SubspaceError, match=r"task weight scales lie in \[0, 1000\]"):
+        merge_recipe_from_dict(case["recipe"] | {"validation": {"task_weight_grid": [-1, 1]}})

@@ -86,6 +86,48 @@ def test_heads_are_kept_in_the_store_dtype_and_returned_in_their_own(
     )
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_int_stores_keep_heads_as_int8_rows_with_row_scales(
+    tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path, dtype: str
+) -> None:
+    """A head (a float matrix) of an int store is int8 rows, each with its own float32 scale: within half a
+    level of its row's absmax, counted at its real bytes; a bias stays float16; a bad scale is refused."""
+    from safetensors.torch import load_file
+
+    from mergekit_subspace.io.codec import extra_bytes
+    from mergekit_subspace.io.store import StoreFiles
+    from mergekit_subspace.sources import lora_task
+
+    store = SubspaceStore(compress_zoo(tmp_path, tiny_bert, bert_zoo, f"k: 8\n  dtype: {dtype}"))
+    file = store.path / "tasks" / "task0.safetensors"
+    stored = load_file(str(file))
+    source = lora_task(bert_zoo[0]).extras
+    heads = [key for key, value in source.items() if value.dim() == 2]
+    assert heads
+    for key, value in source.items():
+        held = stored[f"extra:{key}"]
+        if value.dim() == 2:
+            scales = stored[f"extra_scale:{key}"]
+            assert held.dtype == torch.int8 and scales.dtype == torch.float32
+            assert scales.shape == (value.shape[0],)
+            assert held.numel() + 4 * scales.numel() == extra_bytes(value, dtype)
+        else:
+            assert held.dtype == torch.float16 and f"extra_scale:{key}" not in stored
+        back = store.extras("task0")[key]
+        assert back.dtype == value.dtype
+        step = value.abs().amax(dim=-1, keepdim=True) / 127 if value.dim() == 2 else value.abs().max() * 1e-3
+        assert bool(((back - value).abs() <= step / 2 + 1e-6).all()), key
+    out = store.reconstruct("task0", tmp_path / "t0")
+    assert out.is_dir()
+    entry = store.manifest["tasks"]["task0"]  # a file whose digest matches but whose scales do not fit
+    short = stored | {f"extra_scale:{heads[0]}": stored[f"extra_scale:{heads[0]}"][:-1]}
+    with pytest.raises(SubspaceError, match="scales do not fit"):
+        StoreFiles._extras(entry, short, file)
+    unscaled = {k: v for k, v in stored.items() if k != f"extra_scale:{heads[0]}"}
+    with pytest.raises(SubspaceError, match="without row scales"):
+        StoreFiles._extras(entry, unscaled, file)
+
+
 def test_manifest_keeps_each_peft_config_once(tiny_bert: Path, tmp_path: Path) -> None:
     zoo = [make_lora(tiny_bert, tmp_path / "z" / f"same{i}", seed=i) for i in range(4)]
     store = SubspaceStore(compress_zoo(tmp_path, tiny_bert, zoo, "k: 8"))

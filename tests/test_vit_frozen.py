@@ -96,3 +96,61 @@ def test_split_per_class_is_stratified_and_disjoint(tiny_zoo: tuple[Path, list])
     assert torch.bincount(test_y).tolist() == [5] * vit_frozen.CLASSES_PER_TASK
     with pytest.raises(SystemExit, match="no test images"):
         split_per_class(root / entries[0]["eval"], 8)
+
+
+def test_merge_auto_chooses_on_image_validation_through_the_frozen_head(
+    tiny_zoo: tuple[Path, list], tmp_path: Path
+) -> None:
+    """`merge_method: auto` reads image .safetensors validation sets; a merge with no head of its own is
+    scored on the base's head restricted to each task's classes, as the benchmark scores it."""
+    from test_merge import run_recipe
+
+    from mergekit_subspace.eval.image import image_classification_accuracy
+
+    root, entries = tiny_zoo
+    base = str(root / vit_frozen.HEADS_DIR)
+    grid = [0.5, 2.0]
+    recipe = {
+        "merge_method": "auto",
+        "auto_methods": ["mean", "task_arithmetic"],
+        "adapters": [str(root / e["path"]) for e in entries],
+        "base_model": base,
+        "tasks": [{"name": e["name"], "validation": str(root / e["eval"])} for e in entries],
+        "validation": {"lambda_grid": grid},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    code, output = run_recipe(tmp_path, recipe)
+    assert code == 0, output
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    data = report["validation"]["data"]
+    assert {d["kind"] for d in data.values()} == {"image_classification"}
+    assert [d["examples"] for d in data.values()] == [
+        load_file(root / e["eval"])["labels"].numel() for e in entries
+    ]
+    folder = next(p.parent for p in (tmp_path / "out").rglob("adapter_config.json"))
+    assert not [k for k in load_file(folder / "adapter_model.safetensors") if "classifier" in k]
+    chosen = grid.index(report["lambda"])  # the written folder holds the merge at the chosen lambda
+    for entry in entries:
+        expected = image_classification_accuracy(base, str(folder), root / entry["eval"])
+        assert report["validation"]["task_scores"][entry["name"]][chosen] == pytest.approx(expected)
+
+
+def test_bench_tuned_row_runs_the_library_validation_path(
+    tiny_zoo: tuple[Path, list], tmp_path: Path
+) -> None:
+    """The bench's `auto + task weights` row: the library merge in a fresh process reads the validation split
+    written as image files, and the folder it writes is scored on the test split."""
+    from benchmarks.vit_merge_bench import TUNED_LABEL, ImageEvaluator, tuned_rows
+
+    root, entries = tiny_zoo
+    base = str(root / vit_frozen.HEADS_DIR)
+    ev = ImageEvaluator(base, {e["name"]: root / e["eval"] for e in entries}, val_per_class=1)
+    names = tuple(e["name"] for e in entries)
+    paths = {e["name"]: str(root / e["path"]) for e in entries}
+    own = {t: ev.scores(Path(paths[t]), [t], "test", [1.0])[t][0] for t in names}
+    (row,) = tuned_rows([(2, names)], paths, base, ev, own, [0.5, 1.0], tmp_path)
+    assert "error" not in row, row.get("error")
+    assert row["label"] == TUNED_LABEL and set(row["test"]) == set(names)
+    tuned = row["task_weights"]
+    assert set(tuned["scales"]) == set(names) and tuned["score"] >= tuned["start_score"]
+    assert row["peak_rss_mb"] > 0 and row["end_to_end_s"] >= row["merge_s"]

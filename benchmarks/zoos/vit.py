@@ -481,18 +481,14 @@ def _load_task_base(base_dir: str, task: VitTask) -> Any:
 def evaluate_adapter(adapter_dir: str | os.PathLike[str], base_dir: str, eval_path: Path) -> float:
     """Accuracy of a *saved* adapter, reloaded through PEFT (``mergekit_subspace.eval.image``).
 
-    An adapter without a head of its own (frozen-head zoo) uses the base's head, so it is scored as the
-    base alone is: that head's logits restricted to the task's classes (the eval file's ``base_label_ids``).
+    An adapter without a head of its own (frozen-head zoo) is scored on the base's head, restricted to
+    the task's classes (the eval file's ``base_label_ids``), as the base alone is.
     """
-    from mergekit_subspace.eval.image import image_classification_accuracy, load_image_classifier
-    from mergekit_subspace.eval.models import head_size
+    from mergekit_subspace.eval.image import image_classification_accuracy
 
     limit_threads()
     with quiet_hf():
-        if head_size(adapter_dir) is not None:
-            return image_classification_accuracy(base_dir, str(adapter_dir), eval_path)
-        model = load_image_classifier(base_dir, str(adapter_dir))
-        return image_classification_accuracy(base_dir, None, eval_path, model=model)
+        return image_classification_accuracy(base_dir, str(adapter_dir), eval_path)
 
 
 def train_lora(

@@ -99,13 +99,16 @@ def image_classification_accuracy(
 ) -> float:
     """Fraction of images whose argmax logit is the label.
 
-    Base-only (``adapter_dir=None``) on data with ``base_label_ids`` scores the base's own head
-    restricted to the task's classes; otherwise the head is the adapter's (or a fresh one).
+    Where the base's own head scores (no adapter, or an adapter without a saved head, and no
+    `num_labels`), data with ``base_label_ids`` reads the base head's logits of the task's classes only;
+    otherwise the head is the adapter's (or a fresh one). `model`, when given, is `base` + `adapter_dir`
+    already loaded.
     """
     if not isinstance(data, dict):
         data = load_image_eval(data)
     pixels, labels = data["pixel_values"], data["labels"]
-    restrict = data.get("base_label_ids") if adapter_dir is None and num_labels is None else None
+    own_head = num_labels is not None or (adapter_dir is not None and head_size(adapter_dir) is not None)
+    restrict = None if own_head else data.get("base_label_ids")
     if model is None:
         model = load_image_classifier(base, adapter_dir, None if restrict is not None else num_labels)
     correct = 0

@@ -44,10 +44,45 @@ def number_dtype(name: str) -> torch.dtype:
 
 
 def extras_dtype(name: str) -> torch.dtype | None:
-    """Dtype that heads and biases are kept in: None (verbatim) for float32 stores, float16 for int stores."""
+    """Dtype that heads and biases are kept in: None (verbatim) for float32 stores, float16 for int stores
+    (where `row_int8` does not apply)."""
     if name == "float32":
         return None
     return torch.float16 if name in INT_DTYPES else number_dtype(name)
+
+
+ROW_INT8_MIN_COLS = 16  # narrower matrices keep float16: a scale per row would cost about what it saves
+
+
+def row_int8(extra: torch.Tensor, store_dtype: str) -> bool:
+    """Whether a head or embedding is kept as int8 rows with one float32 scale each: 2-D floats of int
+    stores. Rows are what a head's logits (or an embedding's lookups) read one at a time, so each keeps its
+    own absmax; 1-D biases and narrow matrices stay float16."""
+    return (
+        store_dtype in INT_DTYPES
+        and extra.is_floating_point()
+        and extra.dim() == 2
+        and extra.shape[1] >= ROW_INT8_MIN_COLS
+    )
+
+
+def encode_extra(extra: torch.Tensor, store_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(stored tensor, row scales or None) of one head, bias or embedding in a store of `store_dtype`."""
+    if row_int8(extra, store_dtype):
+        x = extra.to(COMPUTE_DTYPE)
+        amax = x.abs().amax(dim=1)
+        scales = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax)).to(torch.float32)
+        levels = torch.round(x / scales.to(COMPUTE_DTYPE)[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+        return levels.to(torch.int8), scales
+    keep_as = extras_dtype(store_dtype)
+    return (extra.to(keep_as) if keep_as is not None and extra.is_floating_point() else extra), None
+
+
+def decode_extra(stored: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The extra in its original dtype: int8 rows times their scales, or the stored tensor cast back."""
+    if scales is None:
+        return stored.to(dtype)
+    return (stored.to(torch.float32) * scales[:, None]).to(dtype)
 
 
 def int4_groups(numel: int) -> int:
@@ -99,7 +134,9 @@ def int4_decode(levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def extra_bytes(tensor: torch.Tensor, dtype: str) -> int:
-    """Bytes one head or bias takes in a store of `dtype` (its numbers only, no header)."""
+    """Bytes one head or bias takes in a store of `dtype` (its numbers and row scales, no header)."""
+    if row_int8(tensor, dtype):
+        return tensor.numel() + 4 * tensor.shape[0]
     keep_as = extras_dtype(dtype) if tensor.is_floating_point() else None
     return tensor.numel() * (keep_as.itemsize if keep_as is not None else tensor.element_size())
 

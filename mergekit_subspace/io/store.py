@@ -38,6 +38,7 @@ from mergekit_subspace.io.codec import (
     PackedCores,
     SlotLayout,
     decode,
+    decode_extra,
     dense_core,
     encode,
     int4_groups,
@@ -63,6 +64,7 @@ MANIFEST = "manifest.json"
 BASIS = "basis.safetensors"
 TASKS_DIR = "tasks"
 EXTRA_PREFIX = "extra:"
+EXTRA_SCALE_PREFIX = "extra_scale:"  # row scales of a head kept as int8 rows (codec.row_int8)
 CORES_KEY = "cores"
 SCALES_KEY = "core_scales"
 SCALE_SUFFIX = ".scale"
@@ -151,11 +153,14 @@ def append_basis_columns(
     return out, (grown[0], grown[1])
 
 
-def task_tensors(packed: PackedCores, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def task_tensors(
+    packed: PackedCores, extras: dict[str, torch.Tensor], row_scales: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     tensors = {CORES_KEY: packed.flat}
     if packed.scales is not None:
         tensors[SCALES_KEY] = packed.scales
     tensors.update({f"{EXTRA_PREFIX}{key}": value for key, value in extras.items()})
+    tensors.update({f"{EXTRA_SCALE_PREFIX}{key}": value for key, value in (row_scales or {}).items()})
     return tensors
 
 
@@ -650,14 +655,39 @@ class StoreFiles:
             )
             for m, mats in matrices.items()
         }
+        return matrices, self._extras(entry, tensors, path)
+
+    @staticmethod
+    def _extras(
+        entry: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
+    ) -> dict[str, torch.Tensor]:
+        """A task file's heads and biases in their original dtypes, checked against the manifest: int8 rows
+        come with one finite float32 scale per row, and only a float extra may be stored that way."""
         dtypes = entry["extra_dtypes"]
         held = {key[len(EXTRA_PREFIX) :] for key in tensors if key.startswith(EXTRA_PREFIX)}
-        if held != set(dtypes) or set(tensors) - {CORES_KEY, SCALES_KEY} != {EXTRA_PREFIX + k for k in held}:
+        scaled = {key[len(EXTRA_SCALE_PREFIX) :] for key in tensors if key.startswith(EXTRA_SCALE_PREFIX)}
+        expected = {EXTRA_PREFIX + k for k in held} | {EXTRA_SCALE_PREFIX + k for k in scaled}
+        if held != set(dtypes) or not scaled <= held or set(tensors) - {CORES_KEY, SCALES_KEY} != expected:
             raise SubspaceError(
                 "does not match the manifest: its tensors are not the cores and listed extras", path
             )
-        extras = {key: tensors[EXTRA_PREFIX + key].to(getattr(torch, dtypes[key])) for key in sorted(held)}
-        return matrices, extras
+        extras = {}
+        for key in sorted(held):
+            stored, dtype = tensors[EXTRA_PREFIX + key], getattr(torch, dtypes[key])
+            scales = tensors.get(EXTRA_SCALE_PREFIX + key)
+            if scales is not None and not (
+                dtype.is_floating_point
+                and stored.dtype == torch.int8
+                and stored.dim() == 2
+                and scales.dtype == torch.float32
+                and tuple(scales.shape) == (stored.shape[0],)
+                and bool(torch.isfinite(scales).all())
+            ):
+                raise SubspaceError(f"extra '{key}' has int8 rows whose scales do not fit them", path)
+            if scales is None and dtype.is_floating_point and not stored.is_floating_point():
+                raise SubspaceError(f"extra '{key}' is stored as {stored.dtype} without row scales", path)
+            extras[key] = decode_extra(stored, scales, dtype)
+        return extras
 
     def task(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Dense float32 cores (k_out x k_in) per slot and the extras of one task."""

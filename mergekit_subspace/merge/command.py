@@ -84,6 +84,11 @@ def merge(
         best = max(report["validation"]["mean_scores"])
         chosen = f"best of {len(report['auto']['candidates'])} methods" if "auto" in report else "chosen"
         line += f", {chosen} on validation: mean score {best:.4f}"
+        tuned = report["validation"].get("task_weights")
+        if tuned:
+            moved = {t: s for t, s in tuned["scales"].items() if s != 1.0}
+            shown = ", ".join(f"{t} x{s:g}" for t, s in moved.items()) or "none changed"
+            line += f"; task weights on validation: {tuned['score']:.4f} ({shown})"
     timing = f" + {seconds['validation']:.1f} s validation" if "validation" in seconds else ""
     click.echo(line + f") in {seconds['merge']:.3f} s{timing}")
     for label, folder in sorted(result.folders.items()):

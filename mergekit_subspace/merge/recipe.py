@@ -41,7 +41,7 @@ class TaskEntry(Strict):
     name: str
     weight: ParamValue | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    validation: str | None = None  # JSONL (same format as `bench`) to choose lambda on
+    validation: str | None = None  # JSONL or image .safetensors (the `bench` formats) to choose lambda on
 
     def parameter(self, key: str) -> ParamValue | None:
         if key == "weight" and self.weight is not None:
@@ -63,10 +63,21 @@ class ValidationSettings(Strict):
     )
     max_examples: int | None = Field(256, ge=1, le=10**9)
     batch_size: int = Field(32, ge=1, le=65536)
+    # after the method and lambda: each task's weight times one of these, chosen task by task (None: off)
+    task_weight_grid: list[Scalar] | None = Field(None, min_length=1, max_length=100)
+    task_weight_sweeps: int = Field(1, ge=1, le=10)
 
-    no_bools = field_validator("max_examples", "batch_size", mode="before")(
+    no_bools = field_validator("max_examples", "batch_size", "task_weight_sweeps", mode="before")(
         classmethod(lambda cls, v: _no_bool(v))
     )
+
+    @field_validator("task_weight_grid")
+    @classmethod
+    def scales_in_range(cls, value: list[float] | None) -> list[float] | None:
+        for scale in value or []:
+            if not 0 <= scale <= MAX_SCALE:  # NaN fails this too
+                raise ValueError(f"task weight scales lie in [0, {MAX_SCALE:g}], not {scale}")
+        return value
 
     @field_validator("lambda_grid")
     @classmethod
@@ -160,6 +171,10 @@ class MergeRecipe(Strict):
             raise ValueError("`auto_methods:` only applies to merge_method: auto")
         if self.merge_method == AUTO and not self.uses_validation:
             raise ValueError("merge_method: auto needs validation data: give `validation:` for a task")
+        if self.validation.task_weight_grid is not None and not self.uses_validation:
+            raise ValueError(
+                "validation.task_weight_grid needs validation data: give `validation:` for a task"
+            )
         methods = [METHODS[name] for name in self.candidates]
         accepted = tuple(dict.fromkeys(p for m in methods for p in m.parameters))
         shared = {"lambda", *(p for m in methods for p in m.shared_parameters)}

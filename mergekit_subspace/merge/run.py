@@ -116,11 +116,14 @@ def merge_slots(
     names: list[str],
     num_layers: int,
     method_name: str | None = None,
+    task_scales: dict[str, float] | None = None,
 ) -> MergedSlots:
     """One merged core per slot, then its PEFT factors at the output rank (lambda not yet applied).
 
-    `method_name` is one of the recipe's candidates (default: its merge_method).
+    `method_name` is one of the recipe's candidates (default: its merge_method); `task_scales` multiply the
+    tasks' weights (validation's task-weight search).
     """
+    scales = task_scales or {}
     method = METHODS[method_name or recipe.merge_method]
     options = {
         key: float(recipe.parameters.get(key, default)) for key, default in method.shared_parameters.items()
@@ -135,7 +138,10 @@ def merge_slots(
         generator = torch.Generator().manual_seed(_slot_seed(seed, module)) if "seed" in options else None
         slot = SlotInputs(
             cores=[cores.core(name, module) for name in names],
-            weights=[resolve(_parameter(recipe, n, "weight"), module, num_layers, 1.0) for n in names],
+            weights=[
+                scales.get(n, 1.0) * resolve(_parameter(recipe, n, "weight"), module, num_layers, 1.0)
+                for n in names
+            ],
             density=[
                 resolve(
                     _parameter(recipe, n, "density"), module, num_layers, method.defaults.get("density", 1.0)
@@ -204,9 +210,11 @@ def _validate_lambda(
     scorer: Scorer,
     where: str,
     progress: tqdm,
+    grid: list[float] | None = None,
 ) -> tuple[float, dict[str, Any]]:
-    """Score every task with validation data over the lambda grid; the best mean wins."""
-    grid = list(recipe.validation.lambda_grid)
+    """Score every task with validation data over the lambda grid (the recipe's, or `grid`); the best mean
+    wins."""
+    grid = list(recipe.validation.lambda_grid) if grid is None else grid
     head_task = None if recipe.output.heads == "per_task" else _head_task(recipe, names, where)
     per_task: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="merge-validate-") as tmp:
@@ -227,9 +235,7 @@ def _validate_lambda(
         "mean_scores": means,
         "task_scores": per_task,
         "chosen_lambda": chosen,
-        "data": {
-            name: {"path": d.path, "examples": len(d.examples), "kind": d.kind} for name, d in data.items()
-        },
+        "data": {name: {"path": d.path, "examples": d.count, "kind": d.kind} for name, d in data.items()},
     }
 
 
@@ -292,6 +298,10 @@ def _merge_and_choose(
     assert pick is not None
     seconds["merge"] = sum(t["merge"] for t in timings.values())
     seconds["validation"] = sum(t["validation"] for t in timings.values())
+    if recipe.validation.task_weight_grid is not None:
+        clock = time.perf_counter()
+        _tune_task_weights(recipe, cores, names, num_layers, data, scorer, where, progress, pick)
+        seconds["validation"] += time.perf_counter() - clock
     if recipe.merge_method == AUTO:
         pick.auto = {
             "candidates": list(recipe.candidates),
@@ -301,6 +311,55 @@ def _merge_and_choose(
             "seconds": timings,
         }
     return pick
+
+
+def _tune_task_weights(
+    recipe: MergeRecipe,
+    cores: merge_inputs.CoreSet,
+    names: list[str],
+    num_layers: int,
+    data: dict[str, ValidationData],
+    scorer: Scorer,
+    where: str,
+    progress: bool,
+    pick: Pick,
+) -> None:
+    """Coordinate ascent on the tasks' weights at the chosen method and lambda: task by task, each scale of
+    `task_weight_grid` is tried with the others held, and a scale is kept only if it raises the mean
+    validation score. Tasks conflict in a merge (at T = 8 the best lambda can be near 0), and a task whose
+    delta hurts the others can be turned down without turning all of them down. `pick` gets the merge with
+    the scales found, and its validation record their table."""
+    settings = recipe.validation
+    grid = [float(g) for g in settings.task_weight_grid or []]
+    scales = dict.fromkeys(names, 1.0)
+    best = max(pick.validation["mean_scores"]) if pick.validation else -math.inf
+    start, steps, task_scores = best, [], None
+    total = settings.task_weight_sweeps * len(names) * len(grid)
+    bar = tqdm(total=total * len(data), desc="task weights", disable=None if progress else True)
+    with bar:
+        for sweep in range(settings.task_weight_sweeps):
+            changed = False
+            for task in names:
+                held = scales[task]  # the scale this task's turn starts from is already scored
+                for scale in grid:
+                    trial = scales | {task: scale}
+                    if scale == held or not any(trial.values()):
+                        bar.update(len(data))
+                        continue
+                    merged = merge_slots(recipe, cores, names, num_layers, pick.method, trial)
+                    _, validation = _validate_lambda(
+                        recipe, cores, names, merged, data, scorer, where, bar, [pick.lambda_]
+                    )
+                    score = validation["mean_scores"][0]
+                    steps.append({"sweep": sweep, "task": task, "scale": scale, "score": score})
+                    if score > best + 1e-12:
+                        best, scales, changed, pick.merged = score, trial, True, merged
+                        task_scores = {t: s[0] for t, s in validation["task_scores"].items()}
+            if not changed:
+                break
+    record = {"grid": grid, "sweeps": settings.task_weight_sweeps, "scales": scales}
+    record |= {"start_score": start, "score": best, "task_scores": task_scores, "steps": steps}
+    pick.validation = (pick.validation or {}) | {"task_weights": record}
 
 
 def _report(

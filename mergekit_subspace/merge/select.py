@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,19 +23,29 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 
+IMAGE = "image_classification"
+
+
 @dataclass
 class ValidationData:
     """One task's validation examples and how they are scored."""
 
-    kind: str  # "classification" or "exact_match"
-    examples: list
+    kind: str  # "classification", "exact_match" or "image_classification"
+    examples: Any  # (text, label) / (prompt, answer) rows, or an image set's tensors (eval/image.py)
     path: str
+
+    @property
+    def count(self) -> int:
+        return int(self.examples["labels"].shape[0]) if self.kind == IMAGE else len(self.examples)
 
 
 def detect_kind(path: Path) -> str:
-    """Classification rows have text/label, generation rows prompt/answer (the `bench` formats)."""
+    """Classification rows have text/label, generation rows prompt/answer (the `bench` formats); a
+    .safetensors file is an image set (pixel_values / labels, as `bench` reads it)."""
     if not path.is_file():
         raise SubspaceError("validation data not found", path)
+    if path.suffix == ".safetensors":
+        return IMAGE
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
@@ -52,6 +62,10 @@ def detect_kind(path: Path) -> str:
 def load_validation(path: str | Path, max_examples: int | None) -> ValidationData:
     path = Path(path)
     kind = detect_kind(path)
+    if kind == IMAGE:
+        from mergekit_subspace.eval.image import load_image_eval
+
+        return ValidationData(kind, load_image_eval(path, max_examples), str(path))
     if kind == "exact_match":
         return ValidationData(kind, load_exact_match_jsonl(path, max_examples), str(path))
     return ValidationData(kind, load_classification_jsonl(path, max_examples), str(path))
@@ -111,11 +125,14 @@ class Scorer:
 
         key = (kind, num_labels)
         if key not in self._cache:
-            self._cache[key] = (
-                load_causal_lm(self.base, None)
-                if kind == "exact_match"
-                else load_classifier(self.base, None, num_labels)
-            )
+            if kind == IMAGE:
+                from mergekit_subspace.eval.image import load_image_classifier
+
+                self._cache[key] = load_image_classifier(self.base, None, num_labels)
+            elif kind == "exact_match":
+                self._cache[key] = load_causal_lm(self.base, None)
+            else:
+                self._cache[key] = load_classifier(self.base, None, num_labels)
         return self._cache[key]
 
     def grid(
@@ -124,15 +141,19 @@ class Scorer:
         """Score of the folder at each lambda of the grid; `progress` (a tqdm bar) advances per point."""
         from peft import PeftModel
 
+        from mergekit_subspace.eval.image import image_classification_accuracy
         from mergekit_subspace.eval.metrics import exact_match_accuracy
         from mergekit_subspace.eval.models import head_size
 
-        num_labels = head_size(adapter_dir) if data.kind == "classification" else None
-        if data.kind == "classification" and num_labels is not None:
-            labels = {label for _, label in data.examples}
-            if max(labels) >= num_labels:
+        num_labels = head_size(adapter_dir) if data.kind != "exact_match" else None
+        if num_labels is not None:
+            if data.kind == IMAGE:
+                top = int(data.examples["labels"].max())
+            else:
+                top = max(label for _, label in data.examples)
+            if top >= num_labels:
                 raise SubspaceError(
-                    f"has label {max(labels)} but the task's head has {num_labels} outputs", data.path
+                    f"has label {top} but the task's head has {num_labels} outputs", data.path
                 )
         model = PeftModel.from_pretrained(
             copy.deepcopy(self._base_model(data.kind, num_labels)), str(adapter_dir)
@@ -143,6 +164,8 @@ class Scorer:
             set_lora_scale(model, value)
             if data.kind == "exact_match":
                 score = exact_match_accuracy(self.base, None, data.examples, model=model)
+            elif data.kind == IMAGE:
+                score = image_classification_accuracy(self.base, adapter_dir, data.examples, model=model)
             else:
                 score = self._classification_accuracy(model, data.examples)
             scores.append(score)
