@@ -330,10 +330,11 @@ def _tune_task_weights(
     delta hurts the others can be turned down without turning all of them down. `pick` gets the merge with
     the scales found, and its validation record their table."""
     settings = recipe.validation
-    grid = [float(g) for g in settings.task_weight_grid or []]
+    assert settings.task_weight_grid is not None and pick.validation is not None  # validation data exists
+    grid = [float(g) for g in settings.task_weight_grid]
     scales = dict.fromkeys(names, 1.0)
-    best = max(pick.validation["mean_scores"]) if pick.validation else -math.inf
-    start, steps, task_scores = best, [], None
+    best = start = max(pick.validation["mean_scores"])
+    steps, task_scores = [], None
     total = settings.task_weight_sweeps * len(names) * len(grid)
     bar = tqdm(total=total * len(data), desc="task weights", disable=None if progress else True)
     with bar:
@@ -359,7 +360,7 @@ def _tune_task_weights(
                 break
     record = {"grid": grid, "sweeps": settings.task_weight_sweeps, "scales": scales}
     record |= {"start_score": start, "score": best, "task_scores": task_scores, "steps": steps}
-    pick.validation = (pick.validation or {}) | {"task_weights": record}
+    pick.validation["task_weights"] = record
 
 
 def _report(

@@ -165,7 +165,9 @@ class Scorer:
             if data.kind == "exact_match":
                 score = exact_match_accuracy(self.base, None, data.examples, model=model)
             elif data.kind == IMAGE:
-                score = image_classification_accuracy(self.base, adapter_dir, data.examples, model=model)
+                score = image_classification_accuracy(
+                    self.base, None, data.examples, num_labels=num_labels, model=model
+                )  # num_labels None: the base's head scores, restricted to the task's classes
             else:
                 score = self._classification_accuracy(model, data.examples)
             scores.append(score)
