@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -606,6 +607,50 @@ def by_size(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]
     return out
 
 
+def method_table(
+    table: Iterable[tuple[str, dict[int, dict[str, float]]]], sizes: list[int], base_cells: list[str]
+) -> list[str]:
+    """The markdown table of `by_size`'s rows in the given order: normalized mean and worst task per size,
+    then merge seconds, end-to-end seconds and peak RSS; last, the base alone (`base_cells`, two per size)."""
+    header = "| method | " + " | ".join(f"T={t} mean | T={t} worst" for t in sizes)
+    header += (
+        " | "
+        + " | ".join(f"merge s T={t}" for t in sizes)
+        + " | "
+        + " | ".join(f"e2e s T={t}" for t in sizes)
+    )
+    header += " | " + " | ".join(f"peak RSS MB T={t}" for t in sizes) + " |"
+    lines = [header, "|" + "---|" * (1 + 5 * len(sizes))]
+    for label, per in table:
+        cells = [label]
+        for t in sizes:
+            cells += (
+                [f"{per[t]['normalized_mean']:.3f}", f"{per[t]['normalized_worst']:.3f}"]
+                if t in per
+                else ["", ""]
+            )
+        cells += [f"{per[t]['merge_s']:.3f}" if t in per else "" for t in sizes]
+        cells += [f"{per[t]['end_to_end_s']:.2f}" if t in per else "" for t in sizes]
+        cells += [f"{per[t]['peak_rss_mb']:.0f}" if t in per else "" for t in sizes]
+        lines.append("| " + " | ".join(cells) + " |")
+    base = ["base alone (no adapter)", *base_cells]
+    lines.append("| " + " | ".join(base + [""] * (3 * len(sizes))) + " |")
+    return lines
+
+
+def reuse_and_failure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Which rows were scored as another method's identical delta, and which merges failed."""
+    lines: list[str] = []
+    reused = [r for r in rows if "scored_as" in r]
+    failed = [r for r in rows if "error" in r]
+    if reused:
+        lines += ["", "Scored once, reported under each name (the same merged delta):", ""]
+        lines += [f"- T={r['size']} [{r['subset']}] {r['label']} = {r['scored_as']}" for r in reused]
+    if failed:
+        lines += ["", "Failed merges:", ""] + [f"- T={r['size']} {r['label']}: {r['error']}" for r in failed]
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     sizes = sorted({s["size"] for s in result["subsets"]})
     lines = [
@@ -629,16 +674,6 @@ def markdown(result: dict[str, Any]) -> str:
         "Subsets: " + "; ".join(f"T={s['size']}: {', '.join(s['tasks'])}" for s in result["subsets"]),
         "",
     ]
-    table = by_size(result["rows"])
-    header = "| method | " + " | ".join(f"T={t} mean | T={t} worst" for t in sizes)
-    header += (
-        " | "
-        + " | ".join(f"merge s T={t}" for t in sizes)
-        + " | "
-        + " | ".join(f"e2e s T={t}" for t in sizes)
-    )
-    header += " | " + " | ".join(f"peak RSS MB T={t}" for t in sizes) + " |"
-    lines += [header, "|" + "---|" * (1 + 5 * len(sizes))]
     base_norm = {
         size: statistics.fmean(
             result["base_only_accuracy"][k] / result["own_accuracy"][k]
@@ -648,27 +683,10 @@ def markdown(result: dict[str, Any]) -> str:
         )
         for size in sizes
     }
-    for label, per in table.items():
-        cells = [label]
-        for t in sizes:
-            cells += (
-                [f"{per[t]['normalized_mean']:.3f}", f"{per[t]['normalized_worst']:.3f}"]
-                if t in per
-                else ["", ""]
-            )
-        cells += [f"{per[t]['merge_s']:.3f}" if t in per else "" for t in sizes]
-        cells += [f"{per[t]['end_to_end_s']:.2f}" if t in per else "" for t in sizes]
-        cells += [f"{per[t]['peak_rss_mb']:.0f}" if t in per else "" for t in sizes]
-        lines.append("| " + " | ".join(cells) + " |")
-    base_cells = ["base alone (no adapter)"] + [c for t in sizes for c in (f"{base_norm[t]:.3f}", "")]
-    lines.append("| " + " | ".join(base_cells + [""] * (3 * len(sizes))) + " |")
-    failed = [r for r in result["rows"] if "error" in r]
-    reused = [r for r in result["rows"] if "scored_as" in r]
-    if reused:
-        lines += ["", "Scored once, reported under each name (the same merged delta):", ""]
-        lines += [f"- T={r['size']} [{r['subset']}] {r['label']} = {r['scored_as']}" for r in reused]
-    if failed:
-        lines += ["", "Failed merges:", ""] + [f"- T={r['size']} {r['label']}: {r['error']}" for r in failed]
+    lines += method_table(
+        by_size(result["rows"]).items(), sizes, [c for t in sizes for c in (f"{base_norm[t]:.3f}", "")]
+    )
+    lines += reuse_and_failure_lines(result["rows"])
     if result.get("not_run"):
         lines += ["", f"Not run (time budget): {', '.join(result['not_run'])}"]
     lines += per_subset_lines(result["rows"])

@@ -451,31 +451,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     table = headless.by_size(result["rows"])
-    header = "| method | " + " | ".join(f"T={t} mean | T={t} worst" for t in sizes)
-    header += (
-        " | "
-        + " | ".join(f"merge s T={t}" for t in sizes)
-        + " | "
-        + " | ".join(f"e2e s T={t}" for t in sizes)
-    )
-    header += " | " + " | ".join(f"peak RSS MB T={t}" for t in sizes) + " |"
-    lines += [header, "|" + "---|" * (1 + 5 * len(sizes))]
     ranked = sorted(
         table.items(), key=lambda item: -statistics.fmean(p["normalized_mean"] for p in item[1].values())
     )
-    for label, per in ranked:
-        cells = [label]
-        for t in sizes:
-            cells += (
-                [f"{per[t]['normalized_mean']:.3f}", f"{per[t]['normalized_worst']:.3f}"]
-                if t in per
-                else ["", ""]
-            )
-        cells += [f"{per[t]['merge_s']:.3f}" if t in per else "" for t in sizes]
-        cells += [f"{per[t]['end_to_end_s']:.2f}" if t in per else "" for t in sizes]
-        cells += [f"{per[t]['peak_rss_mb']:.0f}" if t in per else "" for t in sizes]
-        lines.append("| " + " | ".join(cells) + " |")
-    base_cells = ["base alone (no adapter)"]
+    base_cells = []
     for size in sizes:
         norm = [
             [result["base_only_accuracy"][k] / result["own_accuracy"][k] for k in s["tasks"]]
@@ -484,14 +463,8 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         base_cells += [f"{statistics.fmean(statistics.fmean(n) for n in norm):.3f}"]
         base_cells += [f"{statistics.fmean(min(n) for n in norm):.3f}"]
-    lines.append("| " + " | ".join(base_cells + [""] * (3 * len(sizes))) + " |")
-    failed = [r for r in result["rows"] if "error" in r]
-    reused = [r for r in result["rows"] if "scored_as" in r]
-    if reused:
-        lines += ["", "Scored once, reported under each name (the same merged delta):", ""]
-        lines += [f"- T={r['size']} [{r['subset']}] {r['label']} = {r['scored_as']}" for r in reused]
-    if failed:
-        lines += ["", "Failed merges:", ""] + [f"- T={r['size']} {r['label']}: {r['error']}" for r in failed]
+    lines += headless.method_table(ranked, sizes, base_cells)
+    lines += headless.reuse_and_failure_lines(result["rows"])
     picks = [r for r in result["rows"] if r.get("method") == "auto"]
     if picks:
         lines += [

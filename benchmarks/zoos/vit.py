@@ -478,6 +478,16 @@ def _load_task_base(base_dir: str, task: VitTask) -> Any:
     return model
 
 
+def task_fields(task: VitTask) -> dict[str, Any]:
+    """What zoo.json records of a task beside its entry: its data source, classes, transform, labels."""
+    return {
+        "source": task.source,
+        "classes": list(task.classes),
+        "transform": task.transform,
+        "labels": task.labels,
+    }
+
+
 def evaluate_adapter(adapter_dir: str | os.PathLike[str], base_dir: str, eval_path: Path) -> float:
     """Accuracy of a *saved* adapter, reloaded through PEFT (``mergekit_subspace.eval.image``).
 
@@ -675,12 +685,7 @@ def build_vit_zoo(
         tasks,
         plan,
         desc="vit zoo",
-        task_fields=lambda task: {
-            "source": task.source,
-            "classes": list(task.classes),
-            "transform": task.transform,
-            "labels": task.labels,
-        },
+        task_fields=task_fields,
         entry_fields=(
             "r",
             "lora_alpha",

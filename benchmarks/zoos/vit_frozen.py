@@ -269,13 +269,7 @@ def build_frozen_vit_zoo(
         tasks,
         plan,
         desc="vit frozen-head zoo",
-        task_fields=lambda task: {
-            "source": task.source,
-            "classes": list(task.classes),
-            "transform": task.transform,
-            "labels": task.labels,
-            "base_label_ids": task.base_label_ids,
-        },
+        task_fields=lambda task: vit.task_fields(task) | {"base_label_ids": task.base_label_ids},
         entry_fields=("r", "lora_alpha", "target_modules", "accuracy", "base_accuracy", "seconds", "seed"),
         postfix=lambda task, entry: f"{task.name[:24]} acc={entry['accuracy']:.3f}",
         summary={
