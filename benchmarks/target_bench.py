@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recipe: dict[str, Any] = {"target": target}
     if args.clusters:
         recipe["clusters"] = args.clusters if args.clusters == "auto" else int(args.clusters)
+    for key in ("dtype", "core_dtype"):
+        if getattr(args, key):
+            recipe[key] = getattr(args, key)
     inputs = None
     if args.calibration_texts:
         recipe["calibration"] = {"data": str(_calibration_file(zoo, names, args, work / "calibration.jsonl"))}
@@ -111,6 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(row), file=sys.stderr)
     store_bytes = info["bytes"]["store"]
     cast = _cast_source_bytes(tasks, chosen["dtype"])
+    core_dtype = chosen.get("core_dtype", chosen["dtype"])
+    cast_cores = _cast_source_bytes(tasks, core_dtype)
     k_out = [meta["k_out"] for meta in store.manifest["slots"].values()]
     shutil.rmtree(work, ignore_errors=True)
     summary = {}
@@ -122,9 +127,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target": target,
         "chosen": chosen,
         "k_out_range": [min(k_out), max(k_out)],
-        "bytes": {"store": store_bytes, "sources": info["bytes"]["sources"], "sources_cast": cast},
+        "bytes": {
+            "store": store_bytes,
+            "sources": info["bytes"]["sources"],
+            "sources_cast": cast,
+            "sources_cast_to_core_dtype": cast_cores,
+        },
         "ratio_vs_sources": info["bytes"]["sources"] / store_bytes,
         "ratio_vs_cast_sources": cast / store_bytes,
+        "ratio_vs_sources_cast_to_core_dtype": cast_cores / store_bytes,
         "mean_rel_error": statistics.fmean(r["rel_error"] for r in rows),
         "calibration": settings.calibration.model_dump() | {"data": "unscored eval texts (a temporary file)"}
         if settings.calibration
@@ -142,14 +153,23 @@ def report(results: dict[str, Any], out: Path) -> None:
     s = results["summary"]
     n = results["max_examples"]
     se = normalized_se(results["rows"], n)
+    chosen = results["chosen"]
+    core_dtype = chosen.get("core_dtype", chosen["dtype"])
+    dtypes = (
+        chosen["dtype"]
+        if core_dtype == chosen["dtype"]
+        else f"{chosen['dtype']} bases with {core_dtype} cores"
+    )
+    cast = f"{results['ratio_vs_cast_sources']:.1f}x smaller than the sources cast to {chosen['dtype']}"
+    if core_dtype != chosen["dtype"]:
+        cast += f" ({results['ratio_vs_sources_cast_to_core_dtype']:.1f}x against the sources cast to {core_dtype})"
     lines = [
         f"# A recipe that states only `target: {json.dumps(results['target'])}`, on {Path(results['zoo']).name}",
         "",
-        f"{len(results['rows'])} tasks. The tool chose **{results['chosen']['dtype']}**, k_out "
+        f"{len(results['rows'])} tasks. The tool chose **{dtypes}**, k_out "
         f"{results['k_out_range'][0]}-{results['k_out_range'][1]} per slot. Store "
         f"{results['bytes']['store']:,} B: **{results['ratio_vs_sources']:.1f}x** smaller than the source "
-        f"folders on disk, {results['ratio_vs_cast_sources']:.1f}x smaller than the sources cast to "
-        f"{results['chosen']['dtype']}. Mean relative error {results['mean_rel_error']:.3f}. Accuracy through "
+        f"folders on disk, {cast}. Mean relative error {results['mean_rel_error']:.3f}. Accuracy through "
         f"PEFT on {n} examples per task (standard error of one task's normalized accuracy about {se:.3f}); "
         f"{results['threads']} torch thread(s).",
         "",
@@ -171,7 +191,6 @@ def report(results: dict[str, Any], out: Path) -> None:
             f"{r['leave_one_out']:.3f} | {r['per_task_svd']:.3f} | {r['mean_adapter']:.3f} | "
             f"{r['base_head_only']:.3f} |"
         )
-    chosen = results["chosen"]
     lines += [
         "",
         f"Why this dtype: {chosen.get('why', '-')}; sized by {chosen.get('sized_by', 'captured weight energy')}"
@@ -207,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--ratio", type=float)
     group.add_argument("--max-rel-error", type=float)
     parser.add_argument("--clusters", help="add `clusters:` to the recipe (a count or auto)")
+    parser.add_argument("--dtype", help="add `dtype:` to the recipe (the target then keeps it)")
+    parser.add_argument("--core-dtype", help="add `core_dtype:` to the recipe")
     parser.add_argument(
         "--calibration-texts",
         type=int,

@@ -40,6 +40,7 @@ from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis
 from mergekit_subspace.grow import GrowingBases, grow_blocks, slot_block
 from mergekit_subspace.io.checkpoint import Checkpoint
+from mergekit_subspace.io.codec import store_dtypes
 from mergekit_subspace.io.store import basis_tensors
 from mergekit_subspace.lowrank import COMPUTE_DTYPE, LowRankDelta, SlotProjector, stored_error_sq
 from mergekit_subspace.recipe import SubspaceSettings
@@ -353,7 +354,7 @@ def compress_clustered(
         assert isinstance(settings.clusters, int)
         fit = fit_clusters(tasks, settings, settings.clusters, base, device, progress)
         tried = []
-    dtype = settings.dtype
+    dtypes = store_dtypes(settings)
     shapes = slot_shapes(tasks, base)
     per_slot: dict[str, tuple[dict, dict]] = {}
     slot_notes: dict[str, dict[str, Any]] = {}
@@ -361,14 +362,14 @@ def compress_clustered(
     unions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module in tqdm(sorted(shapes), desc="encode slots", disable=None if progress else True, leave=False):
         union = union_slot(fit, module)
-        file_tensors, readback = basis_tensors({module: (union.U, union.V)}, dtype)
+        file_tensors, readback = basis_tensors({module: (union.U, union.V)}, dtypes.basis)
         U, V = readback[module]
         encoded = {}
         err = norm = 0.0
         for task, delta in SlotDeltas(module, tasks, 0, device="cpu").with_tasks():
             block = union.blocks[fit.labels[task.name]]
             assert block is not None  # a cluster's fit covers every slot its members touch
-            slot = encode_slot(task, module, delta, block_projector(U, V, block), dtype)
+            slot = encode_slot(task, module, delta, block_projector(U, V, block), dtypes.cores)
             slot.stats.update(o_out=block[0], k_out=block[1], o_in=block[2], k_in=block[3])
             encoded[task.name] = slot
             err += slot.err_sq
@@ -440,7 +441,7 @@ def encode_on_cluster(
     `manifest` and `basis(module)`: the store, or the bases a batch of adds is growing."""
     from mergekit_subspace.subspace import encode_slot
 
-    dtype = store.manifest["settings"]["dtype"]
+    core_dtype = store_dtypes(store.manifest["settings"]).cores
     encoded = {}
     for module in sorted(source.shapes):
         block = slot_block(store.manifest["slots"][module], cluster)
@@ -449,7 +450,7 @@ def encode_on_cluster(
         U, V = (t.to(device) for t in store.basis(module))
         delta = source.slots[module]
         delta = LowRankDelta(B=delta.B.to(device), A=delta.A.to(device), scale=delta.scale)
-        slot = encode_slot(source, module, delta, block_projector(U, V, block), dtype)
+        slot = encode_slot(source, module, delta, block_projector(U, V, block), core_dtype)
         if cluster is not None:
             slot.stats.update(o_out=block[0], k_out=block[1], o_in=block[2], k_in=block[3])
         encoded[module] = slot

@@ -44,7 +44,7 @@ from mergekit_subspace.budget import SlotCurve, allocate, curve_sizes, slot_curv
 from mergekit_subspace.calibration import output_shares
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.io.checkpoint import Checkpoint
-from mergekit_subspace.io.codec import ITEM_BYTES
+from mergekit_subspace.io.codec import ITEM_BYTES, store_dtypes
 from mergekit_subspace.lowrank import COMPUTE_DTYPE, LowRankDelta, core_to_factors, stored_error_sq
 from mergekit_subspace.recipe import SubspaceSettings
 from mergekit_subspace.sources import TaskSource, check_unique_names, slot_shapes
@@ -308,7 +308,9 @@ class SubspaceBasis:
             ranks, modules, costs, curve, "size slots", self.progress, everywhere=True
         )
         try:
-            return allocate(curves, settings.budget_bytes // ITEM_BYTES[settings.dtype])
+            dtypes = store_dtypes(settings)
+            item = ITEM_BYTES[dtypes.basis], ITEM_BYTES[dtypes.cores]
+            return allocate({m: c.priced(*item) for m, c in curves.items()}, settings.budget_bytes)
         except ValueError as exc:
             raise SubspaceError(
                 f"subspace.budget_bytes = {settings.budget_bytes:,} is too small: {exc}"

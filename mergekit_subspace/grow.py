@@ -199,7 +199,7 @@ def grow_blocks(
     from mergekit_subspace.subspace import _record_growth
 
     manifest = bases.manifest
-    dtype = manifest["settings"]["dtype"]
+    dtype = manifest["settings"]["dtype"]  # the bases' (cores are encoded by the caller)
     growths: dict[str, SlotGrowth] = {}
     floor: dict[str, tuple[int, int]] = {}
     starts: dict[str, tuple[int, int]] = {}

@@ -110,11 +110,19 @@ class SlotProjector:
     def __init__(self, U: torch.Tensor, V: torch.Tensor) -> None:
         self.U, self.V = U.to(COMPUTE_DTYPE), V.to(COMPUTE_DTYPE)
         self.gram_u, self.gram_v = self.U.T @ self.U, self.V.T @ self.V
+        self._inverse_u = torch.linalg.pinv(self.gram_u, hermitian=True)
+        self._inverse_v = torch.linalg.pinv(self.gram_v, hermitian=True)
 
     def project(self, delta: LowRankDelta) -> torch.Tensor:
         """U^T D V (k_out x k_in), from factors only."""
         B, A = delta.factors()
         return (self.U.T @ B) @ (A @ self.V)
+
+    def best_core(self, projected: torch.Tensor) -> torch.Tensor:
+        """The core C with the least ||D - U C V^T||_F for these bases, from the projection U^T D V:
+        G_u^+ (U^T D V) G_v^+. For orthonormal bases it is the projection itself; for bases rounded to a low
+        precision it also puts back the part of their rounding error that lies in their span."""
+        return self._inverse_u @ projected @ self._inverse_v
 
     def error_sq(self, norm_sq: float, projected: torch.Tensor, core: torch.Tensor) -> float:
         """||D - U C V^T||_F^2 for a core C as stored, given ||D||^2 and the projection U^T D V."""

@@ -32,6 +32,7 @@ from mergekit_subspace.clusters import encode_on_cluster, is_clustered, place_on
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import check_device
 from mergekit_subspace.grow import GrowingBases, grow_blocks
+from mergekit_subspace.io.codec import store_dtypes
 from mergekit_subspace.io.files import (
     _fsync_dir,
     atomic_directory,
@@ -304,7 +305,7 @@ def add_many(
     check_unique_names(sources, taken=set(store.manifest["tasks"]))
     for source in sources:
         store._check_fits(source)
-    dtype = store.manifest["settings"]["dtype"]
+    dtypes = store_dtypes(store.manifest["settings"])
     manifest = bases.manifest
     clustered = is_clustered(manifest)
     added: dict[str, dict[str, Any]] = {}
@@ -323,7 +324,7 @@ def add_many(
                     f"{max_rel_error:g}, {how} fit it in with `refit --add`; nothing was written",
                     source.source,
                 )
-            data, entry = _task_file_and_entry(source, slots, dtype, added=True)
+            data, entry = _task_file_and_entry(source, slots, dtypes, added=True)
             if cluster is not None:
                 entry["cluster"] = cluster
             if grown:
@@ -503,7 +504,7 @@ def model_card(
         ),
         (
             "store",
-            f"`{store.path}` (format `{store.manifest['format']}`, numbers stored as {settings['dtype']}, "
+            f"`{store.path}` (format `{store.manifest['format']}`, numbers stored as {store_dtypes(settings).label}, "
             f"{len(store.manifest['tasks'])} tasks)",
         ),
         ("made with", f"`{command}`"),

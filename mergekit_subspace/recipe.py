@@ -101,8 +101,11 @@ class SubspaceSettings(Strict):
     normalize: bool = True
     refine: int = Field(0, ge=0, le=50)
     dtype: Literal["float32", "float16", "bfloat16", "int8", "int4"] = "float32"
+    # the tasks' cores in another dtype than the bases and heads (say int4 bases, int8 cores); None: `dtype`
+    core_dtype: Literal["float32", "float16", "bfloat16", "int8", "int4"] | None = None
     # a ratio, bytes or mean relative error to reach: compress then picks k per slot and the dtype (among
-    # float16, int8, int4; only `dtype` when one is given) and records its choice in `target.chosen`
+    # float16, int8, int4, with cores as fine or finer; only `dtype` / `core_dtype` when given) and records
+    # its choice in `target.chosen`
     target: TargetSettings | None = None
     # how each slot's basis is found: the dense SVD ("exact"), a randomized range finder with power passes
     # and Rayleigh-Ritz ("randomized"), or whichever costs less for the slot ("auto")

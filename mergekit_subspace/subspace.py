@@ -27,9 +27,11 @@ from mergekit_subspace.io.codec import (
     ITEM_BYTES,
     EncodedCore,
     SlotLayout,
+    StoreDtypes,
     assemble_cores,
     encode_core,
     encode_extra,
+    store_dtypes,
 )
 from mergekit_subspace.io.files import atomic_directory, check_output, sha256_bytes, tensors_to_bytes
 from mergekit_subspace.io.peft import label_config, read_labels, write_lora_adapter
@@ -72,11 +74,12 @@ class EncodedSlot:
 
 
 def encode_slot(
-    task: TaskSource, module: str, delta: LowRankDelta, bases: SlotProjector, dtype: str
+    task: TaskSource, module: str, delta: LowRankDelta, bases: SlotProjector, core_dtype: str
 ) -> EncodedSlot:
-    """Project one slot of a task onto the stored bases and encode its core; errors as the core reads back."""
+    """Project one slot of a task onto the stored bases and encode its core in `core_dtype`; errors as the
+    core reads back."""
     projected = bases.project(delta)
-    encoded, readback = encode_core(module, projected.cpu(), delta.rank, dtype)
+    encoded, readback = encode_core(module, bases.best_core(projected).cpu(), delta.rank, core_dtype)
     norm_sq = delta.norm_sq()
     err_sq = bases.error_sq(norm_sq, projected, readback.to(projected.device))
     stats: dict[str, Any] = {
@@ -157,16 +160,17 @@ class SlotCores:
 
 
 def _task_file_and_entry(
-    task: TaskSource, slots: dict[str, EncodedSlot], dtype: str, added: bool
+    task: TaskSource, slots: dict[str, EncodedSlot], dtypes: StoreDtypes, added: bool
 ) -> tuple[bytes, dict[str, Any]]:
-    """One task's file bytes and manifest entry, from its encoded slots; its heads are read here, once."""
-    packed = assemble_cores([slots[m].core for m in sorted(slots)], dtype)
+    """One task's file bytes and manifest entry, from its encoded slots (cores in `dtypes.cores`, heads as
+    `dtypes.basis` keeps them); its heads are read here, once."""
+    packed = assemble_cores([slots[m].core for m in sorted(slots)], dtypes.cores)
     total_err = total_norm = 0.0
     for module in sorted(slots):
         total_err += slots[module].err_sq
         total_norm += slots[module].norm_sq
     raw = dict(task.extras.items())
-    encoded = {key: encode_extra(value, dtype) for key, value in raw.items()}
+    encoded = {key: encode_extra(value, dtypes.basis) for key, value in raw.items()}
     extras = {key: stored for key, (stored, _) in encoded.items()}
     row_scales = {key: scales for key, (_, scales) in encoded.items() if scales is not None}
     data = tensors_to_bytes(task_tensors(packed, extras, row_scales), metadata={"format": FORMAT})
@@ -357,14 +361,14 @@ class SubspaceStore:
             return compress_clustered(
                 cls, tasks, settings, out, base, overwrite, progress, device, base_identity
             )
-        dtype = settings.dtype
+        dtypes = store_dtypes(settings)
         fitted = SubspaceBasis(settings, sizes=sizes, device=device, progress=progress, inputs=inputs)
 
         def encode(module: str, basis: SlotBasis, slot: SlotDeltas) -> tuple[dict, SlotCores]:
-            file_tensors, readback = basis_tensors({module: (basis.U.cpu(), basis.V.cpu())}, dtype)
+            file_tensors, readback = basis_tensors({module: (basis.U.cpu(), basis.V.cpu())}, dtypes.basis)
             bases = SlotProjector(*(t.to(slot.device) for t in readback[module]))
             encoded = [
-                (t.name, encode_slot(t, module, delta, bases, dtype)) for t, delta in slot.with_tasks()
+                (t.name, encode_slot(t, module, delta, bases, dtypes.cores)) for t, delta in slot.with_tasks()
             ]
             return file_tensors, SlotCores.pack(module, encoded)
 
@@ -422,7 +426,9 @@ class SubspaceStore:
             (tmp / "tasks").mkdir()
             for task in tqdm(tasks, desc="write tasks", disable=None if progress else True, leave=False):
                 slots = {m: cores.get(task.name) for m, (_, cores) in per_slot.items() if task.name in cores}
-                data, entries[task.name] = _task_file_and_entry(task, slots, settings.dtype, added=False)
+                data, entries[task.name] = _task_file_and_entry(
+                    task, slots, store_dtypes(settings), added=False
+                )
                 entries[task.name].update((task_notes or {}).get(task.name, {}))
                 (tmp / task_file(task.name)).write_bytes(data)
                 hashes[task_file(task.name)] = sha256_bytes(data)
@@ -470,10 +476,23 @@ class SubspaceStore:
     def stored_numbers(self) -> int:
         """How many numbers the bases and the cores hold on disk (heads and scales excluded): the payload
         that baselines are given at equal bytes."""
-        total = sum(U.numel() + V.numel() for U, V in (self.basis(m) for m in self.slots))
-        for entry in self.manifest["tasks"].values():
-            total += sum(layout.numbers() for layout in slot_layouts(entry, self.manifest["slots"]))
-        return total
+        return sum(self._numbers())
+
+    def payload_bytes(self) -> int:
+        """Bytes of those numbers, bases and cores each at its dtype's width (int4 counting group scales)."""
+        dtypes = store_dtypes(self.manifest["settings"])
+        basis, cores = self._numbers()
+        return math.ceil(basis * ITEM_BYTES[dtypes.basis] + cores * ITEM_BYTES[dtypes.cores])
+
+    def _numbers(self) -> tuple[int, int]:
+        """(basis, core) numbers on disk."""
+        basis = sum(U.numel() + V.numel() for U, V in (self.basis(m) for m in self.slots))
+        cores = sum(
+            layout.numbers()
+            for entry in self.manifest["tasks"].values()
+            for layout in slot_layouts(entry, self.manifest["slots"])
+        )
+        return basis, cores
 
     def extras(self, name: str) -> dict[str, torch.Tensor]:
         """The task's verbatim tensors (heads from modules_to_save, lora biases), under their PEFT keys."""
@@ -522,7 +541,7 @@ class SubspaceStore:
         check_unique_names([source], taken=set(self.manifest["tasks"]))
         device = check_device(device)
         self._check_fits(source)
-        dtype = self.manifest["settings"]["dtype"]
+        dtypes = store_dtypes(self.manifest["settings"])
         ranks = parallel.current(device)
         modules = sorted(source.shapes)
         costs = {m: float(sum(source.shapes[m]) * source.ranks[m]) for m in modules}
@@ -535,7 +554,7 @@ class SubspaceStore:
 
         def encode(module: str) -> EncodedSlot:
             bases = SlotProjector(*(t.to(device) for t in self.basis(module)))
-            return encode_slot(source, module, on_device(module), bases, dtype)
+            return encode_slot(source, module, on_device(module), bases, dtypes.cores)
 
         if is_clustered(self.manifest):  # clustered adds, alone or in a batch, take add-many's one path
             if ranks.world > 1:
@@ -566,7 +585,7 @@ class SubspaceStore:
                 source.source,
             )
         if ranks.main:
-            data, entry = _task_file_and_entry(source, slots, dtype, added=True)
+            data, entry = _task_file_and_entry(source, slots, dtypes, added=True)
             manifest = copy.deepcopy(self.manifest)
             if grown:
                 entry["grown_from_rel_error"] = projected_error
@@ -598,7 +617,7 @@ class SubspaceStore:
     ) -> tuple[dict[str, tuple[int, int]], dict[str, EncodedSlot], tuple[str, bytes]]:
         """Directions to append per slot for `source`, its slots encoded on the grown bases, and the new
         basis file (its name and bytes)."""
-        dtype = self.manifest["settings"]["dtype"]
+        dtypes = store_dtypes(self.manifest["settings"])
         modules = sorted(source.shapes)
 
         def candidates(module: str) -> SlotGrowth:
@@ -610,18 +629,18 @@ class SubspaceStore:
         growths = parallel.map_shared(
             ranks, modules, costs, candidates, "grow", progress=False, everywhere=True
         )
-        plan = plan_growth(growths, GROW_MARGIN * max_rel_error, ITEM_BYTES.get(dtype, 4))
+        plan = plan_growth(growths, GROW_MARGIN * max_rel_error, ITEM_BYTES.get(dtypes.basis, 4))
         grown = {m: ab for m, ab in plan.items() if ab != (0, 0)}
         stored = dict(self.files.basis_tensors())
         new_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, (a, b) in sorted(grown.items()):
             X, Y = growths[module].X[:, :a], growths[module].Y[:, :b]
-            stored, readback = append_basis_columns(stored, module, X, Y, dtype, self.files.root)
+            stored, readback = append_basis_columns(stored, module, X, Y, dtypes.basis, self.files.root)
             new_bases[module] = readback
 
         def encode(module: str) -> EncodedSlot:
             bases = SlotProjector(*(t.to(on_device(module).B.device) for t in new_bases[module]))
-            return encode_slot(source, module, on_device(module), bases, dtype)
+            return encode_slot(source, module, on_device(module), bases, dtypes.cores)
 
         encoded = parallel.map_shared(
             ranks, sorted(grown), costs, encode, "encode", progress=False, everywhere=True

@@ -5,11 +5,15 @@ directions (the curves `budget.allocate` spends bytes on) and, encoding the slot
 candidate dtype, the quantization error that dtype adds (measured on this zoo, as the store would write it).
 The predicted mean relative error of a store is then sqrt(sum_s [(T_s - G_s) + q_s^2 G_s] / sum_s T_s), with
 T_s a slot's weighted energy, G_s what its chosen k captures and q_s the dtype's measured relative error.
+A candidate is a pair of dtypes (`StoreDtypes`): one for the bases and heads, one as fine or finer for the
+cores. Where a few tasks share each basis the bases hold most of the bytes, and int8 cores beside int4
+bases cost little and remove much of the rounding error; with thousands of tasks on one basis the cores
+hold the bytes and int4 cores may win. Each pair is priced at its own widths.
 
-- ratio / bytes: per dtype, the byte budget left after heads, headers and the manifest is spent by
-  `allocate`; the dtype with the lowest predicted error wins.
-- max_rel_error: per dtype, the smallest budget whose allocation is predicted to meet it (bisection on
-  `allocate`); the dtype giving the fewest bytes wins.
+- ratio / bytes: per pair, the byte budget left after heads, headers and the manifest is spent by
+  `allocate`; the pair with the lowest predicted error wins.
+- max_rel_error: per pair, the smallest budget whose allocation is predicted to meet it (bisection on
+  `allocate`); the pair giving the fewest bytes wins.
 
 The store is then written and measured; when its bytes on disk or its measured mean error miss the target
 (the overhead and the error are predictions), the budget is corrected by what was missed and the store
@@ -33,7 +37,14 @@ from mergekit_subspace.budget import SlotCurve, allocate, core_numbers
 from mergekit_subspace.calibration import store_output_error
 from mergekit_subspace.errors import SubspaceError
 from mergekit_subspace.fit import SlotDeltas, SubspaceBasis
-from mergekit_subspace.io.codec import INT_DTYPES, ITEM_BYTES, encode_core, extra_bytes
+from mergekit_subspace.io.codec import (
+    INT_DTYPES,
+    ITEM_BYTES,
+    StoreDtypes,
+    encode_core,
+    extra_bytes,
+    store_dtypes,
+)
 from mergekit_subspace.lowrank import SlotProjector
 from mergekit_subspace.recipe import SubspaceSettings
 from mergekit_subspace.sources import TaskSource, slot_shapes
@@ -55,21 +66,32 @@ class SlotProfile:
 
     curve: SlotCurve
     total: float
-    quant_sq: dict[str, float]
+    quant_sq: dict[str, float]  # by StoreDtypes.label
 
 
-def candidates(settings: SubspaceSettings) -> tuple[str, ...]:
-    """The dtypes a target may choose: the recipe's own when it names one, else float16 / int8 / int4."""
-    return (settings.dtype,) if "dtype" in settings.model_fields_set else CANDIDATES
+def candidates(settings: SubspaceSettings) -> tuple[StoreDtypes, ...]:
+    """The dtype pairs a target may choose: the recipe's own when it names `dtype` (cores in `core_dtype`,
+    else the same); otherwise float16 / int8 / int4 bases, with the recipe's `core_dtype` or any of those
+    as fine or finer for the cores."""
+    if "dtype" in settings.model_fields_set:
+        return (store_dtypes(settings),)
+    if settings.core_dtype is not None:
+        return tuple(StoreDtypes(basis, settings.core_dtype) for basis in CANDIDATES)
+    return tuple(
+        StoreDtypes(basis, cores) for i, basis in enumerate(CANDIDATES) for cores in CANDIDATES[: i + 1]
+    )
 
 
-def overhead_bytes(tasks: list[TaskSource], dtype: str) -> int:
-    """Bytes a store holds beside its basis and core numbers: heads, scales of int stores, the safetensors
-    headers and the manifest (an estimate; the written store is measured and the budget corrected)."""
-    heads = sum(extra_bytes(x, dtype) for t in tasks for x in t.extras.values())
+def overhead_bytes(tasks: list[TaskSource], dtypes: StoreDtypes) -> int:
+    """Bytes a store holds beside its basis and core numbers: heads, scales of int8 bases and cores, the
+    safetensors headers and the manifest (an estimate; the written store is measured and the budget
+    corrected)."""
+    heads = sum(extra_bytes(x, dtypes.basis) for t in tasks for x in t.extras.values())
     slots = {m for t in tasks for m in t.shapes}
     task_slots = sum(len(t.shapes) for t in tasks)
-    scales = 8 * (len(slots) + task_slots) if dtype in INT_DTYPES else 0
+    scales = (8 * len(slots) if dtypes.basis in INT_DTYPES else 0) + (
+        8 * task_slots if dtypes.cores in INT_DTYPES else 0
+    )
     headers = 150 * (len(tasks) + 1) + 100 * len(slots) + 70 * sum(len(t.extras) for t in tasks)
     ranks: dict[str, int] = {}
     for t in tasks:
@@ -85,12 +107,18 @@ def overhead_bytes(tasks: list[TaskSource], dtype: str) -> int:
     return heads + scales + headers + manifest
 
 
-def smallest_numbers(tasks: list[TaskSource], base: Checkpoint | None = None) -> int:
-    """Numbers of the smallest store (k = 1 in every slot), from shapes and ranks alone."""
-    total = 0
+def smallest_numbers(tasks: list[TaskSource], base: Checkpoint | None = None) -> tuple[int, int]:
+    """(basis, core) numbers of the smallest store (k = 1 in every slot), from shapes and ranks alone."""
+    basis = cores = 0
     for module, (m, n) in slot_shapes(tasks, base).items():
-        total += m + n + sum(core_numbers(1, 1, t.ranks[module]) for t in tasks if module in t.shapes)
-    return total
+        basis += m + n
+        cores += sum(core_numbers(1, 1, t.ranks[module]) for t in tasks if module in t.shapes)
+    return basis, cores
+
+
+def payload_bytes(basis: int, cores: int, dtypes: StoreDtypes) -> int:
+    """Bytes of `basis` and `cores` numbers in their dtypes (int4 counting its group scales)."""
+    return math.ceil(basis * ITEM_BYTES[dtypes.basis] + cores * ITEM_BYTES[dtypes.cores])
 
 
 def target_bytes(tasks: list[TaskSource], settings: SubspaceSettings) -> int | None:
@@ -127,7 +155,7 @@ def check_target(tasks: list[TaskSource], settings: SubspaceSettings, base: Chec
     if allowed is None:
         return
     numbers = smallest_numbers(tasks, base)
-    need = min(int(numbers * ITEM_BYTES[d]) + overhead_bytes(tasks, d) for d in candidates(settings))
+    need = min(payload_bytes(*numbers, d) + overhead_bytes(tasks, d) for d in candidates(settings))
     if need > allowed:
         target = settings.target
         assert target is not None
@@ -158,7 +186,9 @@ def profile_slots(
         slot = SlotDeltas(module, tasks, fitter.slot_memory, fitter.device)
         fit, curve, (cap_out, cap_in) = fitter.fit_largest(slot, cap)
         captured = fit.total_energy * fit.capture(cap_out, cap_in)
-        quant = {d: _quant_sq(module, slot, fit.basis.U, fit.basis.V, d, settings.normalize) for d in dtypes}
+        quant = {
+            d.label: _quant_sq(module, slot, fit.basis.U, fit.basis.V, d, settings.normalize) for d in dtypes
+        }
         truncated = fit.total_energy - captured
         return SlotProfile(
             curve,
@@ -171,53 +201,59 @@ def profile_slots(
     )
 
 
-def _quant_sq(module: str, slot: SlotDeltas, U: Any, V: Any, dtype: str, normalize: bool) -> float:
-    """Weighted squared error of the slot's tasks stored in `dtype` at the fit's size (bases and cores)."""
+def _quant_sq(module: str, slot: SlotDeltas, U: Any, V: Any, dtypes: StoreDtypes, normalize: bool) -> float:
+    """Weighted squared error of the slot's tasks stored in `dtypes` at the fit's size (bases and cores)."""
     from mergekit_subspace.io.store import basis_tensors
 
-    _, readback = basis_tensors({module: (U.cpu(), V.cpu())}, dtype)
+    _, readback = basis_tensors({module: (U.cpu(), V.cpu())}, dtypes.basis)
     bases = SlotProjector(*(t.to(U.device) for t in readback[module]))
     total = 0.0
     for delta in slot():
         norm_sq = delta.norm_sq()
         projected = bases.project(delta)
-        _, stored = encode_core(module, projected.cpu(), delta.rank, dtype)
+        _, stored = encode_core(module, bases.best_core(projected).cpu(), delta.rank, dtypes.cores)
         weight_sq = (0.0 if norm_sq == 0 else 1.0 / norm_sq) if normalize else 1.0
         total += weight_sq * bases.error_sq(norm_sq, projected, stored.to(projected.device))
     return total
 
 
-def predicted_error(profiles: dict[str, SlotProfile], sizes: Sizes, dtype: str) -> float:
-    """Predicted mean relative error of a store of `sizes` in `dtype` (see the module docstring)."""
+def predicted_error(profiles: dict[str, SlotProfile], sizes: Sizes, dtypes: StoreDtypes) -> float:
+    """Predicted mean relative error of a store of `sizes` in `dtypes` (see the module docstring)."""
     err = total = 0.0
     for module, prof in profiles.items():
         gain = prof.curve.gains[prof.curve.sizes.index(sizes[module])]
-        err += (prof.total - gain) + prof.quant_sq[dtype] * gain
+        err += (prof.total - gain) + prof.quant_sq[dtypes.label] * gain
         total += prof.total
     return 0.0 if total <= 0 else math.sqrt(max(err, 0.0) / total)
 
 
-def _numbers(profiles: dict[str, SlotProfile], sizes: Sizes) -> int:
-    return sum(p.curve.costs[p.curve.sizes.index(sizes[m])] for m, p in profiles.items())
+def _priced(profiles: dict[str, SlotProfile], dtypes: StoreDtypes) -> dict[str, SlotCurve]:
+    """Every slot's curve with its costs in bytes of `dtypes`."""
+    item = ITEM_BYTES[dtypes.basis], ITEM_BYTES[dtypes.cores]
+    return {m: p.curve.priced(*item) for m, p in profiles.items()}
 
 
-def _for_bytes(profiles: dict[str, SlotProfile], payload: float, dtype: str) -> Sizes | None:
+def _payload(curves: dict[str, SlotCurve], sizes: Sizes) -> int:
+    return sum(c.costs[c.sizes.index(sizes[m])] for m, c in curves.items())
+
+
+def _for_bytes(profiles: dict[str, SlotProfile], payload: float, dtypes: StoreDtypes) -> Sizes | None:
     try:
-        return allocate({m: p.curve for m, p in profiles.items()}, int(payload / ITEM_BYTES[dtype]))
+        return allocate(_priced(profiles, dtypes), int(payload))
     except ValueError:
         return None
 
 
-def _for_error(profiles: dict[str, SlotProfile], goal: float, dtype: str) -> Sizes | None:
+def _for_error(profiles: dict[str, SlotProfile], goal: float, dtypes: StoreDtypes) -> Sizes | None:
     """The smallest allocation (bisection on its budget) predicted to meet `goal`; None when none does."""
-    curves = {m: p.curve for m, p in profiles.items()}
+    curves = _priced(profiles, dtypes)
     low = sum(c.costs[0] for c in curves.values())
     high = sum(c.costs[-1] for c in curves.values())
-    if predicted_error(profiles, allocate(curves, high), dtype) > goal:
+    if predicted_error(profiles, allocate(curves, high), dtypes) > goal:
         return None
     while high - low > max(1, low // 200):
         mid = (low + high) // 2
-        if predicted_error(profiles, allocate(curves, mid), dtype) <= goal:
+        if predicted_error(profiles, allocate(curves, mid), dtypes) <= goal:
             high = mid
         else:
             low = mid
@@ -227,26 +263,26 @@ def _for_error(profiles: dict[str, SlotProfile], goal: float, dtype: str) -> Siz
 def choose(
     profiles: dict[str, SlotProfile],
     settings: SubspaceSettings,
-    overhead: dict[str, int],
+    overhead: dict[StoreDtypes, int],
     allowed: int | None,
     goal: float | None,
-) -> tuple[str, Sizes, dict[str, Any]]:
-    """(dtype, sizes, record) for a target, from the profiles; raises SubspaceError when none meets it."""
+) -> tuple[StoreDtypes, Sizes, dict[str, Any]]:
+    """(dtypes, sizes, record) for a target, from the profiles; raises SubspaceError when none meets it."""
     target = settings.target
     assert target is not None
-    options: dict[str, tuple[Sizes, float, int]] = {}
-    for dtype in candidates(settings):
+    allowed_dtypes = candidates(settings)
+    options: dict[StoreDtypes, tuple[Sizes, float, int]] = {}
+    for dtypes in allowed_dtypes:
         if allowed is not None:
-            sizes = _for_bytes(profiles, allowed - overhead[dtype], dtype)
+            sizes = _for_bytes(profiles, allowed - overhead[dtypes], dtypes)
         else:
             assert goal is not None
-            sizes = _for_error(profiles, goal, dtype)
+            sizes = _for_error(profiles, goal, dtypes)
         if sizes is not None:
-            numbers = _numbers(profiles, sizes)
-            options[dtype] = (
+            options[dtypes] = (
                 sizes,
-                predicted_error(profiles, sizes, dtype),
-                int(numbers * ITEM_BYTES[dtype]),
+                predicted_error(profiles, sizes, dtypes),
+                _payload(_priced(profiles, dtypes), sizes),
             )
     if not options:
         if allowed is not None:
@@ -255,20 +291,20 @@ def choose(
                 "every slot) beside the heads and the manifest"
             )
         best = min(
-            predicted_error(profiles, allocate({m: p.curve for m, p in profiles.items()}, 1 << 62), d)
-            for d in candidates(settings)
+            predicted_error(profiles, allocate(_priced(profiles, d), 1 << 62), d) for d in allowed_dtypes
         )
         raise TargetError(
             f"subspace.target max_rel_error {target.max_rel_error:g} cannot be met: the widest store "
             f"(k up to {settings.k}) is predicted to reach {best:.4g}"
         )
     if allowed is not None:
-        dtype = min(options, key=lambda d: (options[d][1], CANDIDATES.index(d) if d in CANDIDATES else 0))
+        dtypes = min(options, key=lambda d: (options[d][1], allowed_dtypes.index(d)))
     else:
-        dtype = min(options, key=lambda d: (options[d][2] + overhead[d], options[d][1]))
-    sizes, error, payload = options[dtype]
+        dtypes = min(options, key=lambda d: (options[d][2] + overhead[d], options[d][1]))
+    sizes, error, payload = options[dtypes]
     record = {
-        "dtype": dtype,
+        "dtype": dtypes.basis,
+        "core_dtype": dtypes.cores,
         "why": "lowest predicted mean rel. error at the byte budget"
         if allowed is not None
         else "fewest bytes predicted to meet the error",
@@ -277,10 +313,11 @@ def choose(
         "k_out": [min(s[0] for s in sizes.values()), max(s[0] for s in sizes.values())],
         "k_in": [min(s[1] for s in sizes.values()), max(s[1] for s in sizes.values())],
         "candidates": {
-            d: {"predicted_rel_error": round(e, 6), "payload_bytes": b} for d, (_, e, b) in options.items()
+            d.label: {"predicted_rel_error": round(e, 6), "payload_bytes": b}
+            for d, (_, e, b) in options.items()
         },
     }
-    return dtype, sizes, record
+    return dtypes, sizes, record
 
 
 def _rows(inputs: dict[str, torch.Tensor]) -> str:
@@ -346,10 +383,10 @@ def plans(
 def choose_plan(
     found: list[Plan],
     settings: SubspaceSettings,
-    overhead: dict[str, int],
+    overhead: dict[StoreDtypes, int],
     allowed: int | None,
     goal: float | None,
-) -> tuple[Plan, str, Sizes, dict[str, Any]]:
+) -> tuple[Plan, StoreDtypes, Sizes, dict[str, Any]]:
     """The plan, dtype and sizes a target takes: the lowest predicted error at a byte budget, the fewest
     bytes for an error; with several counts, the record lists each one's prediction."""
     options = []
@@ -369,14 +406,14 @@ def choose_plan(
         best = min(
             options, key=lambda o: (o[3]["payload_bytes"] + o[0].extra_bytes, o[3]["predicted_rel_error"])
         )
-    plan, dtype, sizes, record = best
+    plan, dtypes, sizes, record = best
     if len(found) > 1 or plan.count > 1:
         record["clusters"] = plan.count
         record["cluster_counts"] = {
-            str(p.count): {k: r[k] for k in ("dtype", "predicted_rel_error", "payload_bytes")}
+            str(p.count): {k: r[k] for k in ("dtype", "core_dtype", "predicted_rel_error", "payload_bytes")}
             for p, _, _, r in options
         }
-    return plan, dtype, sizes, record
+    return plan, dtypes, sizes, record
 
 
 def compress_to_target(
@@ -407,7 +444,7 @@ def compress_to_target(
     overhead = {d: overhead_bytes(tasks, d) for d in candidates(settings)}
     store = None
     for attempt in range(MAX_TRIES):
-        plan, dtype, sizes, record = choose_plan(found, settings, overhead, allowed, goal)
+        plan, dtypes, sizes, record = choose_plan(found, settings, overhead, allowed, goal)
         record["tries"] = attempt + 1
         record["sized_by"] = (
             f"output energy on {_rows(inputs)} calibration rows per slot"
@@ -416,7 +453,8 @@ def compress_to_target(
         )
         chosen = settings.model_copy(
             update={
-                "dtype": dtype,
+                "dtype": dtypes.basis,
+                "core_dtype": None if dtypes.cores == dtypes.basis else dtypes.cores,
                 "target": target.model_copy(update={"chosen": record}),
                 "clusters": None if plan.labels is None else plan.count,
             }
@@ -454,7 +492,7 @@ def compress_to_target(
             written = store.files.bytes_on_disk()
             if written <= allowed:
                 return store
-            overhead[dtype] += written - allowed + max(64, (written - allowed) // 10)
+            overhead[dtypes] += written - allowed + max(64, (written - allowed) // 10)
         else:
             assert goal is not None
             measured = store_output_error(store, tasks, inputs) if inputs else mean_rel_error(store)
@@ -472,12 +510,13 @@ def describe(store: SubspaceStore) -> str | None:
         return None
     chosen = target["chosen"]
     asked = ", ".join(f"{k} {v:g}" for k, v in target.items() if k != "chosen")
+    label = store_dtypes(store.manifest["settings"]).label
     others = ", ".join(
-        f"{d} {c['predicted_rel_error']:.3g}" for d, c in chosen["candidates"].items() if d != chosen["dtype"]
+        f"{d} {c['predicted_rel_error']:.3g}" for d, c in chosen["candidates"].items() if d != label
     )
     info = store.info()
     return (
-        f"target {asked}: chose {chosen['dtype']} ({chosen['why']}"
+        f"target {asked}: chose {label} ({chosen['why']}"
         + (f"; sized by {chosen['sized_by']}" if chosen.get("sized_by", "").startswith("output") else "")
         + ")"
         + (f", {chosen['clusters']} clusters" if chosen.get("clusters", 1) > 1 else "")

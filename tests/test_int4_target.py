@@ -40,8 +40,19 @@ def test_int4_round_trip_error_is_bounded_and_above_int8() -> None:
     assert e8 < 0.01 < e4 < 0.15  # Gaussian, groups of 64: about 10%; int8 with one scale: about 0.5%
     assert s4.numel() == -(-48 * 37 // INT4_GROUP)
     err = (decode(q4, s4).double() - x).abs().reshape(-1)
-    bound = torch.repeat_interleave(s4.double(), INT4_GROUP)[: x.numel()] / 2  # half a level per number
-    assert bool((err <= bound + 1e-7).all())
+    scale = torch.repeat_interleave(s4.double(), INT4_GROUP)[: x.numel()]
+    inside = x.abs().reshape(-1) <= 7 * scale  # what the group's scale covers: within half a level
+    assert bool((err[inside] <= scale[inside] / 2 + 1e-7).all())
+    # the scales are chosen by squared error: never worse than absmax / 7, better on Gaussian groups
+    groups = torch.nn.functional.pad(x.reshape(-1), (0, s4.numel() * INT4_GROUP - x.numel())).reshape(
+        -1, INT4_GROUP
+    )
+    absmax = (groups.abs().amax(dim=1) / 7).float().double()[:, None]
+    absmax_err = ((torch.round(groups / absmax).clamp(-7, 7) * absmax - groups) ** 2).sum(dim=1)
+    chosen_err = (err**2).sum()
+    assert float(chosen_err) < 0.95 * float(absmax_err.sum())
+    assert not bool(inside.all())  # some groups clip their largest value
+    assert float(torch.tensor(s8, dtype=torch.float64)) <= float(x.abs().max()) / 127 + 1e-12
     assert torch.equal(unpack_nibbles(pack_nibbles(q4), q4.numel()).reshape(q4.shape), q4)
     assert pack_nibbles(q4).numel() == -(-48 * 37 // 2)
     zero, scale = encode(torch.zeros(3, 5), "int4")
@@ -95,6 +106,49 @@ def test_int4_store_round_trips_through_peft(tiny_bert: Path, bert_zoo: list[Pat
     tensors = load_file(str(int4.path / "tasks" / "task0.safetensors"))
     assert tensors["cores"].dtype == torch.uint8 and tensors["core_scales"].dtype == torch.float32
     assert int4.stored_numbers() * ITEM_BYTES["int4"] < int4.info()["bytes"]["store"]
+
+
+def test_int8_cores_beside_int4_bases(tiny_bert: Path, bert_zoo: list[Path], tmp_path: Path) -> None:
+    """`core_dtype: int8` keeps the cores finer than the int4 bases: less error at a few more bytes, the
+    same PEFT folders and served logits; an add encodes its cores the same way, and a task file whose
+    cores are in another dtype is refused."""
+    from conftest import ids_for, load_base, peft_logits
+
+    from mergekit_subspace.serve import attach
+
+    both4 = SubspaceStore(compress_zoo(tmp_path / "i4", tiny_bert, bert_zoo[:3], "k: 64\n  dtype: int4"))
+    finer = SubspaceStore(
+        compress_zoo(tmp_path / "i48", tiny_bert, bert_zoo[:3], "k: 64\n  dtype: int4\n  core_dtype: int8")
+    )
+    assert finer.verify() == []
+    assert finer.manifest["settings"]["core_dtype"] == "int8"
+    tensors = load_file(str(finer.path / "tasks" / "task0.safetensors"))
+    assert tensors["cores"].dtype == torch.int8  # int8 levels with one scale per matrix, not packed nibbles
+    basis = load_file(str(finer.path / "basis.safetensors"))
+    assert {t.dtype for k, t in basis.items() if not k.endswith(".scale")} == {torch.uint8}  # int4 bases
+    for i in range(3):
+        error = finer.info()["per_task"][f"task{i}"]["rel_error"]
+        assert error < 0.9 * both4.info()["per_task"][f"task{i}"]["rel_error"]
+    assert finer.stored_numbers() == both4.stored_numbers()
+    basis_numbers = sum(U.numel() + V.numel() for U, V in (finer.basis(m) for m in finer.slots))
+    core_numbers = finer.stored_numbers() - basis_numbers
+    assert finer.payload_bytes() == pytest.approx(basis_numbers * ITEM_BYTES["int4"] + core_numbers, abs=1)
+    assert finer.payload_bytes() > both4.payload_bytes()
+    out = finer.reconstruct("task0", tmp_path / "t0")
+    with torch.no_grad():
+        served = attach(load_base(tiny_bert), finer).forward(["task0"], input_ids=ids_for(tiny_bert)).logits
+    torch.testing.assert_close(served[0], peft_logits(tiny_bert, out)[0], atol=1e-4, rtol=1e-4)
+    add = ["add", str(finer.path), str(bert_zoo[3]), "--policy", "project", "--max-rel-error", "1"]
+    result = CliRunner().invoke(main, add)
+    assert result.exit_code == 0, result.output
+    entry = SubspaceStore(finer.path).manifest["tasks"]["task3"]
+    assert load_file(str(finer.path / entry["file"]))["cores"].dtype == torch.int8
+    _rewrite(
+        finer.path, "tasks/task0.safetensors", lambda t: t.update(cores=pack_nibbles(t["cores"].clamp(-7, 7)))
+    )
+    result = CliRunner().invoke(main, ["reconstruct", str(finer.path), "task0", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "not a flat int8 tensor" in result.output, result.output
+    assert not (tmp_path / "o").exists()
 
 
 def _rewrite(store: Path, rel: str, change) -> None:
@@ -152,7 +206,16 @@ def test_each_target_kind_meets_its_target(tiny_bert: Path, bert_zoo: list[Path]
     assert info["ratio"] >= 2
     chosen = store.manifest["settings"]["target"]["chosen"]
     assert store.manifest["settings"]["dtype"] == chosen["dtype"] in ("float16", "int8", "int4")
-    assert set(chosen["candidates"]) == {"float16", "int8", "int4"}
+    # the cores are kept as fine as the bases or finer; the manifest names them only where they differ
+    assert (store.manifest["settings"]["core_dtype"] or chosen["dtype"]) == chosen["core_dtype"]
+    assert set(chosen["candidates"]) == {
+        "float16",
+        "int8",
+        "int8/float16",
+        "int4",
+        "int4/int8",
+        "int4/float16",
+    }
     assert chosen["predicted_rel_error"] == min(
         c["predicted_rel_error"] for c in chosen["candidates"].values()
     )

@@ -171,14 +171,13 @@ def run_bench(
         )
         fit_seconds = time.perf_counter() - clock
         info = store.info()
-        payload = store.stored_numbers()
+        payload = store.payload_bytes()
         # leave-one-out refits each slot at the size the store chose for it (per-slot under budget_bytes)
         slot_sizes = {m: (s["k_out"], s["k_in"]) for m, s in info["slots"].items()}
-        item = ITEM_BYTES[settings.dtype]
         results["bytes"]["per_k"][str(k)] = {
             "store": info["bytes"]["store"],
             "basis": info["bytes"]["basis"],
-            "payload": payload * item,
+            "payload": payload,
             "per_task_mean": (info["bytes"]["store"] - info["bytes"]["basis"]) / len(tasks),
             "ratio": info["ratio"],
             "ratio_vs_cast_sources": results["bytes"]["sources_cast_to_store_dtype"] / info["bytes"]["store"],
@@ -186,7 +185,7 @@ def run_bench(
         vlora_factors: dict[str, baselines.Factors] = {}
         if use_vlora:
             bar.set_postfix_str(f"k={k}: fitting vLoRA")
-            vlora_factors, vlora_bytes, vlora_meta = vlora_peer.vlora_at_bytes(tasks, payload * item)
+            vlora_factors, vlora_bytes, vlora_meta = vlora_peer.vlora_at_bytes(tasks, payload)
             results["peers"].setdefault("vlora", {})[str(k)] = {"bytes": vlora_bytes, **vlora_meta}
         reconstruct_ms = []
         clock = time.perf_counter()

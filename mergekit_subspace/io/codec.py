@@ -8,6 +8,11 @@ scales costs 0.5 bit per number (4.5 bits in all); float16 scales would halve th
 small cores to subnormals (cores carry the delta's true scale, often 1e-4 or less), and groups of 32 lower
 the error only about 15% (the absmax of 32 Gaussians is ~2.1 sigma, of 64 ~2.4) for a full extra half bit.
 
+Scales are not simply absmax / levels: each group (int4) or matrix (int8) takes, among absmax x c / levels for
+c in CLIP_GRID, the float32 scale whose rounding leaves the least squared error. Clipping the few largest
+values of a group buys finer steps for all the others; where the largest values carry the energy, c = 1 wins.
+Decoding is the same multiply either way, so stores written before read as they were.
+
 A task's cores are packed into one flat tensor (and, for int8, one vector of scales), so a task file carries
 one small safetensors header instead of one entry per slot. Each slot's core is kept either dense
 (k_out x k_in) or, when that is smaller, as the two factors P (k_out x rho) and Q (rho x k_in) of its rank-rho
@@ -17,7 +22,9 @@ instead of k_out k_in, and nothing is lost.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,6 +35,7 @@ INT_DTYPES = ("int8", "int4")
 INT8_MAX = 127.0
 INT4_MAX = 7.0
 INT4_GROUP = 64
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # fractions of absmax a scale may cover
 # bytes one stored number costs; int4 includes its share of the group scales (4 bytes per INT4_GROUP)
 ITEM_BYTES: dict[str, float] = {
     "float32": 4,
@@ -36,6 +44,27 @@ ITEM_BYTES: dict[str, float] = {
     "int8": 1,
     "int4": 0.5 + 4 / INT4_GROUP,
 }
+
+
+class StoreDtypes(NamedTuple):
+    """How a store keeps its numbers: `basis` for the bases and heads (the recipe's `dtype`), `cores` for
+    the tasks' cores (`core_dtype`, the same unless set). Finer cores cost little where the bases hold
+    most of the bytes, and take away the larger share of the rounding error."""
+
+    basis: str
+    cores: str
+
+    @property
+    def label(self) -> str:
+        """`int4`, or `int4/int8` for int4 bases with int8 cores."""
+        return self.basis if self.cores == self.basis else f"{self.basis}/{self.cores}"
+
+
+def store_dtypes(settings: Mapping[str, Any] | Any) -> StoreDtypes:
+    """The dtypes of a manifest's settings (a mapping) or of SubspaceSettings."""
+    get = settings.get if isinstance(settings, Mapping) else lambda key: getattr(settings, key, None)
+    basis = str(get("dtype"))
+    return StoreDtypes(basis, str(get("core_dtype") or basis))
 
 
 def number_dtype(name: str) -> torch.dtype:
@@ -108,15 +137,33 @@ def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
     return levels.to(torch.int8) - 8
 
 
+def best_scales(rows: torch.Tensor, top: float) -> torch.Tensor:
+    """One float32 scale per row of `rows` (float64): of absmax x c / top for c in CLIP_GRID, the one whose
+    rounding to levels -top..top leaves the least squared error (1.0 for an all-zero row)."""
+    amax = rows.abs().amax(dim=1)
+    amax = torch.where(amax > 0, amax, torch.full_like(amax, top))  # an all-zero row: scale 1.0, exact
+
+    def scale_and_error(c: float) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (amax * (c / top)).to(torch.float32).to(COMPUTE_DTYPE)  # the value the file will hold
+        rounded = torch.round(rows / scale[:, None]).clamp_(-top, top) * scale[:, None]
+        return scale, ((rounded - rows) ** 2).sum(dim=1)
+
+    best, best_err = scale_and_error(CLIP_GRID[0])
+    for c in CLIP_GRID[1:]:
+        scale, err = scale_and_error(c)
+        better = err < best_err
+        best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best.to(torch.float32)
+
+
 def int4_encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int4 levels (int8, x's shape) and one float32 scale per group (absmax / 7; 1.0 for an all-zero group)."""
+    """int4 levels (int8, x's shape) and one float32 scale per group (`best_scales`)."""
     flat = x.reshape(-1).to(COMPUTE_DTYPE)
     groups = int4_groups(flat.numel())
     padded = torch.nn.functional.pad(flat, (0, groups * INT4_GROUP - flat.numel())).reshape(
         groups, INT4_GROUP
     )
-    amax = padded.abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / INT4_MAX, torch.ones_like(amax)).to(torch.float32)
+    scales = best_scales(padded, INT4_MAX)
     levels = torch.round(padded / scales.to(COMPUTE_DTYPE)[:, None]).clamp_(-INT4_MAX, INT4_MAX)
     return levels.reshape(-1)[: flat.numel()].to(torch.int8).reshape(x.shape), scales
 
@@ -142,10 +189,10 @@ def extra_bytes(tensor: torch.Tensor, dtype: str) -> int:
 
 
 def int8_scale(x: torch.Tensor) -> float:
-    """One float32 scale per matrix: absmax / 127 (1.0 for an all-zero matrix)."""
-    amax = float(x.abs().max()) if x.numel() else 0.0
-    scale = amax / INT8_MAX if amax > 0 else 1.0
-    return float(torch.tensor(scale, dtype=torch.float32))  # the value the file will hold
+    """One float32 scale per matrix (`best_scales` over the whole matrix; 1.0 for an empty one)."""
+    if x.numel() == 0:
+        return 1.0
+    return float(best_scales(x.reshape(1, -1).to(COMPUTE_DTYPE), INT8_MAX)[0])
 
 
 Scale = float | torch.Tensor | None  # int8: one float; int4: a float32 tensor of group scales; floats: None

@@ -44,6 +44,7 @@ from mergekit_subspace.io.codec import (
     int4_groups,
     number_dtype,
     pack_nibbles,
+    store_dtypes,
     unpack_cores,
     unpack_nibbles,
 )
@@ -629,7 +630,7 @@ class StoreFiles:
             raise SubspaceError(f"has no task '{name}' (known: {known})", self.root)
         path = self.root / entry["file"]
         tensors = tensors_from_bytes(self.read_verified(entry["file"]), path)
-        dtype = self.manifest["settings"]["dtype"]
+        dtype = store_dtypes(self.manifest["settings"]).cores
         if CORES_KEY not in tensors:
             raise SubspaceError(f"has no '{CORES_KEY}' tensor", path)
         if tensors[CORES_KEY].dtype != number_dtype(dtype) or tensors[CORES_KEY].dim() != 1:
@@ -638,7 +639,7 @@ class StoreFiles:
         if (dtype in INT_DTYPES) != (scales is not None) or (
             scales is not None and (scales.dtype != torch.float32 or scales.dim() != 1)
         ):
-            raise SubspaceError(f"'{SCALES_KEY}' does not fit a {dtype} store", path)
+            raise SubspaceError(f"'{SCALES_KEY}' does not fit {dtype} cores", path)
         packed = PackedCores(tensors[CORES_KEY], scales, slot_layouts(entry, self.manifest["slots"]), dtype)
         try:
             matrices = unpack_cores(packed)

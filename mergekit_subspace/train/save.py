@@ -1,4 +1,4 @@
-"""Write a trained task into its store as any other task: cores encoded in the store's dtype, heads kept
+"""Write a trained task into its store as any other task: cores encoded in the store's core dtype, heads kept
 verbatim, the task file then the manifest (the store's own atomic write path), then read back and checked."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mergekit_subspace.errors import SubspaceError
-from mergekit_subspace.io.codec import encode_core
+from mergekit_subspace.io.codec import encode_core, store_dtypes
 from mergekit_subspace.io.files import sha256_bytes
 from mergekit_subspace.io.store import basis_file, task_file
 from mergekit_subspace.lowrank import COMPUTE_DTYPE
@@ -68,10 +68,10 @@ def save_trained_task(
         raise SubspaceError(
             f"task name '{source.name}' is already in the store; pick another name", current.path
         )
-    dtype = current.manifest["settings"]["dtype"]
-    encoded = {m: encode_trained_slot(m, cores[m], *current.basis(m), dtype) for m in sorted(cores)}
+    dtypes = store_dtypes(current.manifest["settings"])
+    encoded = {m: encode_trained_slot(m, cores[m], *current.basis(m), dtypes.cores) for m in sorted(cores)}
     slots = {m: slot for m, (slot, _) in encoded.items()}
-    data, entry = _task_file_and_entry(source, slots, dtype, added=True)
+    data, entry = _task_file_and_entry(source, slots, dtypes, added=True)
     manifest = copy.deepcopy(current.manifest)
     manifest["tasks"][source.name] = entry
     manifest["files"][task_file(source.name)] = sha256_bytes(data)
